@@ -1,0 +1,161 @@
+"""CLI: `inbox serve | worker | org create | domain add | apikey create | schema`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from inbox.config import Settings, load_settings
+from inbox.errors import InboxError
+
+
+def _print(args: argparse.Namespace, data: dict[str, Any], human: str) -> None:
+    print(json.dumps(data, default=str) if args.json else human)
+
+
+async def _with_services(settings: Settings, fn: Callable[[Any], Awaitable[None]]) -> None:
+    from inbox.app import build_services
+
+    services = await build_services(settings)
+    try:
+        await fn(services)
+    finally:
+        await services.db.close()
+
+
+def cmd_org_create(args: argparse.Namespace, settings: Settings) -> None:
+    from inbox.tenancy import create_organization
+
+    async def run(s: Any) -> None:
+        row = await create_organization(s.db, args.name, s.clock())
+        _print(args, {"id": row["id"], "name": row["name"]}, f"organization {row['id']}")
+
+    asyncio.run(_with_services(settings, run))
+
+
+def cmd_domain_add(args: argparse.Namespace, settings: Settings) -> None:
+    from inbox.tenancy import add_domain, dns_records, get_organization
+
+    async def run(s: Any) -> None:
+        await get_organization(s.db, args.org)
+        row = await add_domain(s.db, s.box, args.org, args.domain, s.clock(),
+                               verified=args.verified)
+        records = dns_records(row)
+        lines = [f"domain {row['domain']} added (verified: {row['verified']}); publish:"]
+        lines += [f"  {r['name']} {r['type']} \"{r['value']}\"" for r in records]
+        _print(args, {"domain": row["domain"], "verified": row["verified"], "records": records},
+               "\n".join(lines))
+
+    asyncio.run(_with_services(settings, run))
+
+
+def cmd_apikey_create(args: argparse.Namespace, settings: Settings) -> None:
+    from inbox.tenancy import create_api_key, get_organization
+
+    async def run(s: Any) -> None:
+        await get_organization(s.db, args.org)
+        row, key = await create_api_key(s.db, args.org, args.scope or ["send", "read"],
+                                        s.clock(), args.name or "")
+        _print(args, {"id": row["id"], "key": key, "scopes": row["scopes"]},
+               f"{key}\n(shown once; scopes: {', '.join(row['scopes'])})")
+
+    asyncio.run(_with_services(settings, run))
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
+    import uvicorn
+
+    from inbox.app import create_app
+
+    app = create_app(settings, workers=not args.no_workers)
+    logging.getLogger("inbox").info("inbox listening on http://%s:%d/graphql",
+                                    settings.SERVER_BIND_ADDR, settings.INBOX_HTTP_PORT)
+    uvicorn.run(app, host=settings.SERVER_BIND_ADDR, port=settings.INBOX_HTTP_PORT,
+                log_level=settings.INBOX_LOG_LEVEL.lower(), access_log=False)
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
+    from inbox.app import build_services
+
+    async def run() -> None:
+        services = await build_services(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await asyncio.gather(*(services.worker().run(stop) for _ in range(args.count)))
+        finally:
+            await services.db.close()
+
+    asyncio.run(run())
+
+
+def cmd_schema(args: argparse.Namespace, settings: Settings) -> None:
+    from inbox.graphql import build_schema
+
+    print(build_schema().as_str())
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="inbox", description="Transactional email service")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the API and delivery workers").add_argument(
+        "--no-workers", action="store_true", help="API only")
+    w = sub.add_parser("worker", help="run delivery workers only (needs a SurrealDB server)")
+    w.add_argument("--count", type=int, default=1)
+    sub.add_parser("schema", help="print the GraphQL schema (SDL)")
+    org = sub.add_parser("org").add_subparsers(dest="action", required=True)
+    oc = org.add_parser("create")
+    oc.add_argument("name")
+    dom = sub.add_parser("domain").add_subparsers(dest="action", required=True)
+    da = dom.add_parser("add")
+    da.add_argument("org")
+    da.add_argument("domain")
+    da.add_argument("--verified", action="store_true", help="mark verified (development)")
+    key = sub.add_parser("apikey").add_subparsers(dest="action", required=True)
+    kc = key.add_parser("create")
+    kc.add_argument("org")
+    kc.add_argument("--scope", action="append", choices=["send", "read", "admin"])
+    kc.add_argument("--name")
+    for sp in (oc, da, kc):
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+COMMANDS = {
+    ("serve", None): cmd_serve, ("worker", None): cmd_worker, ("schema", None): cmd_schema,
+    ("org", "create"): cmd_org_create, ("domain", "add"): cmd_domain_add,
+    ("apikey", "create"): cmd_apikey_create,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except InboxError as exc:
+        print(f"inbox: configuration error: {exc.message}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.INBOX_LOG_LEVEL.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    try:
+        COMMANDS[(args.command, getattr(args, "action", None))](args, settings)
+    except InboxError as exc:
+        print(f"inbox: {exc.message}", file=sys.stderr)
+        return 2 if exc.code == "CONFIG" else 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

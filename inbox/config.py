@@ -1,0 +1,132 @@
+"""Settings: the only place the environment is read. Names follow the system we succeed.
+
+`load_settings()` reads the environment (and `.env` when present) once, at start-up; a bad
+value raises `ConfigError` naming the variable. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from inbox.errors import ConfigError
+
+# The settings' own docs live in `.env.example`; a test checks both lists are the same.
+DEFAULT_DKIM_HEADERS = "From,To,Cc,Subject,Date,Message-ID,Reply-To,MIME-Version,Content-Type"
+
+
+def _split_list(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=None, case_sensitive=True, extra="ignore", frozen=True
+    )
+
+    # --- server ---
+    SERVER_HOSTNAME: str = "localhost"
+    SERVER_BIND_ADDR: str = "127.0.0.1"
+    INBOX_HTTP_PORT: int = Field(3000, ge=0, le=65535)
+    INBOX_LOG_LEVEL: str = "INFO"
+
+    # --- data ---
+    INBOX_DATA_DIR: Path = Path("./data")
+    INBOX_DATABASE_URL: str = ""
+    DATABASE_NAMESPACE: str = "inbox"
+    DATABASE_DATABASE: str = "inbox"
+    DATABASE_USERNAME: str = ""
+    DATABASE_PASSWORD: str = ""
+    INBOX_DB_SYNC: bool = True
+    INBOX_MASTER_KEY: str = ""
+
+    # --- DNS ---
+    INBOX_DNS_NAMESERVERS: Annotated[list[str], NoDecode] = []
+    INBOX_DNS_TIMEOUT_SECS: float = Field(5.0, gt=0)
+
+    # --- outbound ---
+    SMTP_OUTBOUND_PORT: int = Field(25, ge=1, le=65535)
+    SMTP_OUTBOUND_RELAY: str = ""
+    SMTP_OUTBOUND_QUEUE_BATCH_SIZE: int = Field(50, ge=1, le=1000)
+    SMTP_OUTBOUND_QUEUE_LEASE_SECS: int = Field(300, ge=1)
+    SMTP_OUTBOUND_QUEUE_POLL_SECS: float = Field(1.0, gt=0)
+    SMTP_OUTBOUND_CONCURRENCY: int = Field(16, ge=1, le=1024)
+    SMTP_OUTBOUND_TIMEOUT_SECS: float = Field(60.0, gt=0)
+    SMTP_OUTBOUND_RETRY_BASE_DELAY_SECS: float = Field(60.0, ge=0)
+    SMTP_OUTBOUND_RETRY_MAX_DELAY_SECS: float = Field(3600.0, ge=0)
+    SMTP_OUTBOUND_MAX_ATTEMPTS: int = Field(20, ge=1)
+    SMTP_OUTBOUND_TTL_SECS: int = Field(5 * 86400, ge=1)
+    SMTP_OUTBOUND_DEAD_JOB_RETENTION_SECS: int = Field(7 * 86400, ge=0)
+    SMTP_OUTBOUND_DELIVERY_RETENTION_SECS: int = Field(30 * 86400, ge=0)
+    SMTP_MAX_MESSAGE_BYTES: int = Field(25 * 1024 * 1024, ge=1024)
+    SMTP_DKIM_HEADERS: Annotated[list[str], NoDecode] = _split_list(DEFAULT_DKIM_HEADERS)  # type: ignore[assignment]
+    SMTP_DKIM_ED25519: bool = True
+
+    # --- tenancy defaults (per-domain overrides live on has_domain) ---
+    INBOX_QUOTA_MAX_RECIPIENTS_PER_MESSAGE: int = Field(50, ge=1)
+    INBOX_QUOTA_HOURLY_SEND_LIMIT: int = Field(1000, ge=0)
+    INBOX_QUOTA_DAILY_SEND_LIMIT: int = Field(10000, ge=0)
+    INBOX_QUOTA_MAX_QUEUED_JOBS: int = Field(10000, ge=0)
+    INBOX_IDEMPOTENCY_TTL_SECS: int = Field(86400, ge=60)
+
+    # --- telemetry ---
+    OTEL_SERVICE_NAME: str = "inbox"
+    OTEL_TRACES_EXPORTER: str = "none"
+
+    @field_validator("INBOX_DNS_NAMESERVERS", "SMTP_DKIM_HEADERS", mode="before")
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("OTEL_TRACES_EXPORTER")
+    @classmethod
+    def _exporter(cls, value: str) -> str:
+        if value not in ("none", "console"):
+            raise ValueError("must be 'none' or 'console'")
+        return value
+
+    @field_validator("INBOX_DATABASE_URL")
+    @classmethod
+    def _db_url(cls, value: str) -> str:
+        allowed = ("surrealkv://", "file://", "mem://", "memory://", "ws://", "wss://",
+                   "http://", "https://")
+        if value and not value.startswith(allowed):
+            raise ValueError(f"must start with one of {', '.join(allowed)}")
+        return value
+
+    @property
+    def database_url(self) -> str:
+        """The URL the database client uses; embedded on disk under the data dir by default."""
+        if self.INBOX_DATABASE_URL:
+            return self.INBOX_DATABASE_URL
+        return f"surrealkv://{(self.INBOX_DATA_DIR / 'db').resolve()}"
+
+    @property
+    def database_is_embedded(self) -> bool:
+        return not self.database_url.startswith(("ws://", "wss://", "http://", "https://"))
+
+
+def setting_names() -> list[str]:
+    return list(Settings.model_fields)
+
+
+def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Settings:
+    """Build settings from `env` (default: the process environment) plus explicit overrides.
+
+    Raises ConfigError with one line naming the first bad variable.
+    """
+    source = dict(os.environ if env is None else env)
+    known = {k: v for k, v in source.items() if k in Settings.model_fields}
+    known.update({k: v for k, v in overrides.items()})  # type: ignore[misc]
+    try:
+        return Settings(**known)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]) if err.get("loc") else "settings"
+        raise ConfigError(f"{name}: {err['msg']} (got {known.get(name)!r})") from None

@@ -1,0 +1,166 @@
+"""The delivery queue in SurrealDB: leasing due jobs, completing, retrying, releasing, cleanup.
+
+A lease is one conditional UPDATE that re-checks the claim condition, so two workers cannot
+both take a job (with the serialised gateway embedded, with transactions on a server). A lease
+that expires (crashed worker) is taken over by the next worker that leases.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from inbox.storage import Database, DbThrow, new_id
+
+_CLAIMABLE = ("(status = 'queued' AND due <= $now)"
+              " OR (status = 'processing' AND lease_until < $now)")
+
+_LEASE = f"""
+UPDATE (SELECT VALUE id FROM job WHERE {_CLAIMABLE} ORDER BY due LIMIT $limit)
+  SET status = 'processing', owner = $owner, lease_until = $until,
+      attempts = attempts + 1, last_attempt_at = $now
+  WHERE {_CLAIMABLE}
+  RETURN AFTER;
+"""
+
+
+_COMPLETE = """
+BEGIN TRANSACTION;
+LET $mine = (SELECT VALUE id FROM ONLY type::thing('job', $job)
+             WHERE owner = $owner AND status = 'processing');
+IF $mine = NONE { THROW 'LEASE_LOST|' + $job };
+FOR $u IN $updates {
+  UPDATE type::thing('recipient', $u.id) SET status = $u.status,
+    attempts = attempts + 1, last_response = $u.response,
+    next_attempt_at = $u.next, updated_at = $now;
+};
+FOR $s IN $suppressions {
+  UPSERT type::thing('suppression', $s.key) CONTENT $s.row;
+};
+IF array::len($events) > 0 { INSERT INTO event $events };
+IF $pending {
+  UPDATE type::thing('job', $job) SET status = 'queued', due = $next,
+    owner = NONE, lease_until = NONE;
+} ELSE {
+  UPDATE type::thing('job', $job) SET status = $final, owner = NONE,
+    lease_until = NONE, finished_at = $now;
+  UPSERT type::thing('quota_counter', [$domain, 'queued', 0]) SET n -= 1;
+};
+LET $statuses = (SELECT VALUE status FROM recipient WHERE message = $message);
+UPDATE type::thing('message', $message) SET status = fn::message_status($statuses),
+  updated_at = $now;
+COMMIT TRANSACTION;
+"""
+
+
+def backoff(attempt: int, base: float, maximum: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter in [delay/2, delay] (attempt counts from 1)."""
+    delay = min(maximum, base * (2 ** max(0, attempt - 1)))
+    return (rng or random).uniform(delay / 2, delay)
+
+
+@dataclass
+class RecipientOutcome:
+    """What happened to one recipient in one attempt, decided by the worker."""
+
+    recipient_id: str
+    address: str
+    status: str  # DELIVERED | DEFERRED | BOUNCED | EXPIRED
+    response: str
+    suppress: str | None = None  # ADDRESS | DOMAIN
+    suppress_value: str | None = None
+
+
+@dataclass
+class JobOutcome:
+    job: dict[str, Any]
+    recipients: list[RecipientOutcome] = field(default_factory=list)
+    next_due: datetime | None = None  # set when some recipients are deferred
+    detail: str = ""
+
+
+class Queue:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def lease(self, owner: str, limit: int, ttl_secs: float, now: datetime
+                    ) -> list[dict[str, Any]]:
+        rows = await self.db.one(_LEASE, {
+            "owner": owner, "limit": limit, "now": now,
+            "until": now + timedelta(seconds=ttl_secs),
+        })
+        return rows or []
+
+    async def load(self, job: dict[str, Any]) -> tuple[dict[str, Any] | None, bytes | None,
+                                                         list[dict[str, Any]]]:
+        """The message row, its raw bytes and this job's recipients still to deliver."""
+        message, raw, rcpts = await self.db.run(
+            "SELECT * FROM ONLY type::thing('message', $m);"
+            "SELECT VALUE raw FROM ONLY type::thing('message_raw', $m);"
+            "SELECT * FROM recipient WHERE job = $job AND status IN ['QUEUED', 'DEFERRED'];",
+            {"m": job["message"], "job": job["id"]},
+        )
+        return message, raw, rcpts or []
+
+    async def complete(self, outcome: JobOutcome, owner: str, now: datetime) -> bool:
+        """Record one attempt's results; returns False when our lease was lost meanwhile."""
+        job = outcome.job
+        pending = any(r.status == "DEFERRED" for r in outcome.recipients)
+        events = [{
+            "id": new_id("evt"), "org": job["org"], "message": job["message"],
+            "type": r.status, "at": now, "recipient": r.address, "detail": r.response,
+        } for r in outcome.recipients]
+        updates = [{"id": r.recipient_id, "status": r.status, "response": r.response,
+                    "next": outcome.next_due if r.status == "DEFERRED" else None}
+                   for r in outcome.recipients]
+        suppressions = [{
+            "key": [job["org"], r.suppress, r.suppress_value],
+            "row": {"org": job["org"], "scope": r.suppress, "target": r.suppress_value,
+                    "reason": r.response[:500], "source": "bounce", "created_at": now,
+                    "expires_at": None, "message": job["message"]},
+        } for r in outcome.recipients if r.suppress and r.suppress_value]
+        final = "dead" if any(r.status in ("BOUNCED", "EXPIRED") for r in outcome.recipients) \
+            else "done"
+        try:
+            await self.db.run(_COMPLETE, {
+                "job": job["id"], "owner": owner, "updates": updates,
+                "suppressions": suppressions, "events": events, "pending": pending,
+                "final": final, "next": outcome.next_due, "now": now,
+                "domain": job["sending_domain"], "message": job["message"]})
+        except DbThrow as exc:
+            if exc.throw_code == "LEASE_LOST":
+                return False
+            raise
+        return True
+
+    async def release(self, owner: str) -> int:
+        """Give back every lease this owner holds (graceful shutdown)."""
+        rows = await self.db.one(
+            "UPDATE job SET status = 'queued', owner = NONE, lease_until = NONE,"
+            " attempts = math::max([0, attempts - 1])"
+            " WHERE owner = $owner AND status = 'processing' RETURN id",
+            {"owner": owner},
+        )
+        return len(rows or [])
+
+    async def cleanup(self, now: datetime, dead_job_secs: int, delivery_secs: int) -> int:
+        """Remove finished jobs and old delivery records past their retention."""
+        jobs_before = now - timedelta(seconds=dead_job_secs)
+        records_before = now - timedelta(seconds=delivery_secs)
+        results = await self.db.run(
+            """DELETE job WHERE status IN ['done', 'dead'] AND finished_at < $jobs_before RETURN BEFORE;
+            LET $old = (SELECT VALUE meta::id(id) FROM message
+                        WHERE updated_at < $records_before
+                        AND status NOT IN ['QUEUED', 'DEFERRED', 'SENDING']);
+            DELETE event WHERE message IN $old;
+            DELETE recipient WHERE message IN $old;
+            DELETE job WHERE message IN $old;
+            FOR $m IN $old {
+              DELETE type::thing('message_raw', $m);
+              DELETE type::thing('message', $m);
+            };""",
+            {"jobs_before": jobs_before, "records_before": records_before},
+        )
+        return len(results[0] or [])

@@ -1,0 +1,204 @@
+"""Delivery workers: lease due jobs, DKIM-sign, resolve MX, deliver, record each attempt.
+
+Decides per recipient: 2xx DELIVERED, 4xx / connection trouble DEFERRED with backoff (EXPIRED
+past the attempt or TTL limit), 5xx BOUNCED (hard bounces suppress the address or domain).
+Our own failures (signing, configuration) defer and never suppress anyone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from opentelemetry import trace
+
+from inbox.delivery.bounces import suppression_scope
+from inbox.delivery.mx import NullMx, mx_hosts
+from inbox.delivery.queue import JobOutcome, Queue, RecipientOutcome, backoff
+from inbox.delivery.signers import SignerCache
+from inbox.delivery.transport import AttemptResult, RecipientResult
+from inbox.errors import DnsNotFound, DnsTemporary, InboxError
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("inbox.delivery")
+
+CLEANUP_EVERY_SECS = 300.0
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{id(object()):x}"
+
+
+def _synthetic(addresses: list[str], code: int, enhanced: str, text: str) -> AttemptResult:
+    from inbox.delivery.transport import TlsOutcome
+
+    temporary = 400 <= code < 500
+    return AttemptResult(
+        recipients=[RecipientResult(a, code, enhanced, text, temporary, False) for a in addresses],
+        host=None, tls=TlsOutcome(False, None, None), connection_error=None)
+
+
+class DeliveryWorker:
+    def __init__(self, *, queue: Queue, resolver: Any, transport: Any, signers: SignerCache,
+                 settings: Any, clock: Callable[[], datetime], wakeup: asyncio.Event | None = None,
+                 name: str | None = None) -> None:
+        self.queue = queue
+        self.resolver = resolver
+        self.transport = transport
+        self.signers = signers
+        self.settings = settings
+        self.clock = clock
+        self.wakeup = wakeup or asyncio.Event()
+        self.name = name or worker_name()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._next_cleanup = 0.0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Lease and process jobs until `stop` is set; then release what is unfinished."""
+        s = self.settings
+        limit = s.SMTP_OUTBOUND_CONCURRENCY
+        loop = asyncio.get_running_loop()
+        try:
+            while not stop.is_set():
+                leased = 0
+                free = limit - len(self._tasks)
+                if free > 0:
+                    try:
+                        jobs = await self.queue.lease(
+                            self.name, min(free, s.SMTP_OUTBOUND_QUEUE_BATCH_SIZE),
+                            s.SMTP_OUTBOUND_QUEUE_LEASE_SECS, self.clock())
+                    except InboxError:
+                        log.exception("lease failed; retrying after the poll interval")
+                        jobs = []
+                    leased = len(jobs)
+                    for job in jobs:
+                        task = asyncio.create_task(self._guarded(job))
+                        self._tasks.add(task)
+                        task.add_done_callback(self._task_done)
+                if loop.time() >= self._next_cleanup:
+                    self._next_cleanup = loop.time() + CLEANUP_EVERY_SECS
+                    await self._cleanup()
+                if leased and leased == min(free, s.SMTP_OUTBOUND_QUEUE_BATCH_SIZE):
+                    continue  # there may be more due work right now
+                self.wakeup.clear()
+                waiters = [asyncio.ensure_future(self.wakeup.wait()),
+                           asyncio.ensure_future(stop.wait())]
+                await asyncio.wait(waiters, timeout=s.SMTP_OUTBOUND_QUEUE_POLL_SECS,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                for w in waiters:
+                    w.cancel()
+        finally:
+            await self._shutdown()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self.wakeup.set()  # a slot is free
+
+    async def _shutdown(self) -> None:
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=10)
+            for task in pending:
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.gather(*pending, return_exceptions=True)
+        with contextlib.suppress(InboxError):
+            released = await self.queue.release(self.name)
+            if released:
+                log.info("released %d leased job(s) on shutdown", released)
+
+    async def _cleanup(self) -> None:
+        s = self.settings
+        try:
+            await self.queue.cleanup(self.clock(), s.SMTP_OUTBOUND_DEAD_JOB_RETENTION_SECS,
+                                     s.SMTP_OUTBOUND_DELIVERY_RETENTION_SECS)
+        except InboxError:
+            log.exception("cleanup failed")
+
+    async def _guarded(self, job: dict[str, Any]) -> None:
+        try:
+            await self.process(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - worker loop edge: log, the lease expires and retries
+            log.exception("job %s failed unexpectedly; it will be retried after its lease",
+                          job.get("id"))
+
+    async def process(self, job: dict[str, Any]) -> None:
+        with tracer.start_as_current_span("delivery.job") as span:
+            span.set_attribute("inbox.job", job["id"])
+            span.set_attribute("inbox.rcpt_domain", job["rcpt_domain"])
+            message, raw, rcpts = await self.queue.load(job)
+            if message is None or raw is None or not rcpts:
+                await self.queue.complete(JobOutcome(job), self.name, self.clock())
+                return
+            addresses = [r["address"] for r in rcpts]
+            result = await self._attempt(job, message, raw, addresses)
+            outcome = self._decide(job, rcpts, result)
+            span.set_attribute("inbox.statuses", ",".join(r.status for r in outcome.recipients))
+            if not await self.queue.complete(outcome, self.name, self.clock()):
+                log.warning("lease on %s was lost before completion; another worker owns it",
+                            job["id"])
+
+    async def _attempt(self, job: dict[str, Any], message: dict[str, Any], raw: bytes,
+                       addresses: list[str]) -> AttemptResult:
+        try:
+            signer = await self.signers.get(job["org"], job["sending_domain"])
+            signed = await asyncio.to_thread(signer.sign, raw)
+        except Exception as exc:  # noqa: BLE001 - our own failure: defer, never suppress
+            log.exception("DKIM signing failed for %s", job["id"])
+            return _synthetic(addresses, 451, "4.3.0", f"local error: DKIM signing failed: {exc}")
+        hosts: list[Any] = []
+        if self.transport.relay is None:
+            try:
+                hosts = await mx_hosts(self.resolver, job["rcpt_domain"])
+            except NullMx as exc:
+                return _synthetic(addresses, 556, "5.1.10", exc.message)
+            except DnsNotFound as exc:
+                return _synthetic(addresses, 550, "5.1.2", f"recipient domain: {exc.message}")
+            except DnsTemporary as exc:
+                return _synthetic(addresses, 451, "4.4.3", f"DNS: {exc.message}")
+        return await self.transport.deliver(hosts, message["envelope_from"], addresses, signed,
+                                            smtputf8=bool(message.get("smtputf8")))
+
+    def _decide(self, job: dict[str, Any], rcpts: list[dict[str, Any]],
+                result: AttemptResult) -> JobOutcome:
+        s = self.settings
+        now = self.clock()
+        by_addr = {r.address.lower(): r for r in result.recipients}
+        expires = job.get("expires_at")
+        out_of_time = job["attempts"] >= s.SMTP_OUTBOUND_MAX_ATTEMPTS or (
+            expires is not None and now >= expires)
+        outcome = JobOutcome(job)
+        for row in rcpts:
+            res = by_addr.get(row["address"].lower())
+            if res is None:
+                res = RecipientResult(row["address"], 451, "4.3.0",
+                                      "no reply recorded for this recipient", True, False)
+            reply = f"{res.code} {res.enhanced + ' ' if res.enhanced else ''}{res.text}".strip()
+            if result.connection_error and not res.delivered:
+                reply = f"{reply} ({result.connection_error})" if result.connection_error \
+                    not in reply else reply
+            if res.delivered:
+                status, scope = "DELIVERED", None
+            elif res.temporary:
+                status, scope = ("EXPIRED" if out_of_time else "DEFERRED"), None
+            else:
+                status, scope = "BOUNCED", suppression_scope(res)
+            value = None
+            if scope == "ADDRESS":
+                value = row["address"].lower()
+            elif scope == "DOMAIN":
+                value = row["domain"]
+            outcome.recipients.append(RecipientOutcome(
+                row["id"], row["address"], status, reply, scope, value))
+        if any(r.status == "DEFERRED" for r in outcome.recipients):
+            delay = backoff(job["attempts"], s.SMTP_OUTBOUND_RETRY_BASE_DELAY_SECS,
+                            s.SMTP_OUTBOUND_RETRY_MAX_DELAY_SECS)
+            outcome.next_due = now + timedelta(seconds=delay)
+        return outcome

@@ -1,0 +1,55 @@
+"""Per-request GraphQL context: services, the authenticated principal, batched loaders."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from strawberry.dataloader import DataLoader
+from strawberry.fastapi import BaseContext
+
+from inbox.errors import Unauthenticated
+from inbox.tenancy import Principal, authenticate
+
+
+class Context(BaseContext):
+    def __init__(self, services: Any) -> None:
+        super().__init__()
+        self.services = services
+        self._principal: Principal | None = None
+        self._recipients = DataLoader(self._batch_recipients)
+        self._events = DataLoader(self._batch_events)
+
+    async def principal(self, scope: str) -> Principal:
+        """The caller, checked for `scope`; raises Unauthenticated / Forbidden."""
+        if self._principal is None:
+            header = self.request.headers.get("authorization", "") if self.request else ""
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthenticated("send 'Authorization: Bearer <API key>'")
+            self._principal = await authenticate(self.services.db, token)
+        self._principal.require(scope)
+        return self._principal
+
+    async def _batch(self, table: str, order: str, ids: list[str]) -> list[list[dict[str, Any]]]:
+        assert self._principal is not None  # loaders run only under an authorised field
+        rows = await self.services.db.one(
+            f"SELECT * FROM {table} WHERE message IN $ids AND org = $org ORDER BY {order}",
+            {"ids": ids, "org": self._principal.org},
+        )
+        grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for row in rows or []:
+            grouped[row["message"]].append(row)
+        return [grouped.get(i, []) for i in ids]
+
+    async def _batch_recipients(self, ids: list[str]) -> list[list[dict[str, Any]]]:
+        return await self._batch("recipient", "address", ids)
+
+    async def _batch_events(self, ids: list[str]) -> list[list[dict[str, Any]]]:
+        return await self._batch("event", "at, id", ids)
+
+    async def load_recipients(self, message_id: str) -> list[dict[str, Any]]:
+        return await self._recipients.load(message_id)
+
+    async def load_events(self, message_id: str) -> list[dict[str, Any]]:
+        return await self._events.load(message_id)

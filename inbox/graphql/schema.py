@@ -1,0 +1,308 @@
+"""The GraphQL schema: queries and mutations. Payload mutations return typed user errors."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import datetime
+from typing import Any, TypeVar
+
+import strawberry
+from graphql import GraphQLError
+from strawberry.extensions import MaskErrors, ParserCache, SchemaExtension, ValidationCache
+from strawberry.scalars import JSON
+
+from inbox.delivery import suppressions as supp
+from inbox.errors import InboxError, NotFound, ValidationError
+from inbox.graphql.types import (
+    ApiKey,
+    ApiKeyPayload,
+    ApiKeyScope,
+    AttachmentInput,
+    CreateApiKeyPayload,
+    DnsRecordCheck,
+    Domain,
+    DomainPayload,
+    HeaderInput,
+    Message,
+    MessageConnection,
+    MessageEdge,
+    MessageStatus,
+    PageInfo,
+    RemoveSuppressionPayload,
+    SendEmailPayload,
+    Suppression,
+    SuppressionConnection,
+    SuppressionEdge,
+    SuppressionPayload,
+    SuppressionScope,
+    UserError,
+    VerifyDomainPayload,
+    Viewer,
+)
+from inbox.message import Attachment, OutboundMessage
+from inbox.submission import SubmitOptions, submit
+from inbox import tenancy
+
+T = TypeVar("T")
+MAX_PAGE = 100
+
+
+async def _payload(make: Callable[[], Awaitable[T]], fail: Callable[[list[UserError]], T]) -> T:
+    try:
+        return await make()
+    except InboxError as exc:
+        return fail([UserError.of(exc)])
+
+
+def _page_size(first: int | None) -> int:
+    if first is None:
+        return 20
+    if not 1 <= first <= MAX_PAGE:
+        raise ValidationError(f"first must be between 1 and {MAX_PAGE}", field=["first"])
+    return first
+
+
+async def _message_row(info: strawberry.Info, org: str, message_id: str) -> dict[str, Any] | None:
+    row = await info.context.services.db.one(
+        "SELECT * FROM ONLY type::thing('message', $id) WHERE org = $org",
+        {"id": message_id, "org": org})
+    return row or None
+
+
+def _attachments(items: list[AttachmentInput] | None) -> list[Attachment]:
+    out = []
+    for i, att in enumerate(items or []):
+        try:
+            content = base64.b64decode(att.content, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValidationError("attachment content must be base64",
+                                  field=["attachments", str(i), "content"]) from None
+        out.append(Attachment(filename=att.filename, content=content,
+                              content_type=att.content_type, content_id=att.content_id))
+    return out
+
+
+def _metadata(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, (str, int, float, bool))
+                                              for v in value.values()):
+        raise ValidationError("metadata must be an object of string/number/boolean values",
+                              field=["metadata"])
+    return {str(k): str(v) for k, v in value.items()}
+
+
+@strawberry.type
+class Query:
+    @strawberry.field
+    async def viewer(self, info: strawberry.Info) -> Viewer:
+        p = await info.context.principal("read")
+        org = await tenancy.get_organization(info.context.services.db, p.org)
+        return Viewer(organization_id=strawberry.ID(p.org), organization_name=org["name"],
+                      scopes=[ApiKeyScope(s) for s in sorted(p.scopes)])
+
+    @strawberry.field
+    async def message(self, info: strawberry.Info, id: strawberry.ID) -> Message | None:
+        p = await info.context.principal("read")
+        row = await _message_row(info, p.org, str(id))
+        return Message.of(row) if row else None
+
+    @strawberry.field
+    async def messages(self, info: strawberry.Info, first: int | None = 20,
+                       after: str | None = None, status: MessageStatus | None = None
+                       ) -> MessageConnection:
+        p = await info.context.principal("read")
+        size = _page_size(first)
+        rows = await info.context.services.db.one(
+            "SELECT * FROM message WHERE org = $org"
+            " AND ($status = NONE OR status = $status)"
+            " AND ($after = NONE OR meta::id(id) < $after)"
+            " ORDER BY id DESC LIMIT $limit",
+            {"org": p.org, "status": status.value if status else None, "after": after,
+             "limit": size + 1})
+        rows = rows or []
+        edges = [MessageEdge(cursor=r["id"], node=Message.of(r)) for r in rows[:size]]
+        return MessageConnection(edges=edges, page_info=PageInfo(
+            has_next_page=len(rows) > size, end_cursor=edges[-1].cursor if edges else None))
+
+    @strawberry.field
+    async def domains(self, info: strawberry.Info) -> list[Domain]:
+        p = await info.context.principal("read")
+        return [Domain.of(r) for r in await tenancy.list_domains(info.context.services.db, p.org)]
+
+    @strawberry.field
+    async def api_keys(self, info: strawberry.Info) -> list[ApiKey]:
+        p = await info.context.principal("admin")
+        return [ApiKey.of(r) for r in await tenancy.list_api_keys(info.context.services.db, p.org)]
+
+    @strawberry.field
+    async def suppressions(self, info: strawberry.Info, first: int | None = 20,
+                           after: str | None = None) -> SuppressionConnection:
+        p = await info.context.principal("read")
+        size = _page_size(first)
+        services = info.context.services
+        try:
+            rows = await supp.list_suppressions(services.db, p.org, services.clock(),
+                                                limit=size + 1, after=after)
+        except ValueError:
+            raise ValidationError("after is not a cursor from this list", field=["after"]) from None
+        edges = [SuppressionEdge(cursor=supp.cursor_of(r), node=Suppression.of(r))
+                 for r in rows[:size]]
+        return SuppressionConnection(edges=edges, page_info=PageInfo(
+            has_next_page=len(rows) > size, end_cursor=edges[-1].cursor if edges else None))
+
+
+@strawberry.type
+class Mutation:
+    @strawberry.mutation
+    async def send_email(
+        self, info: strawberry.Info, from_: str = strawberry.argument(name="from"),
+        to: list[str] | None = None, cc: list[str] | None = None,
+        bcc: list[str] | None = None, reply_to: list[str] | None = None, subject: str = "",
+        text_body: str | None = None, html_body: str | None = None,
+        headers: list[HeaderInput] | None = None,
+        attachments: list[AttachmentInput] | None = None,
+        tags: list[str] | None = None, metadata: JSON | None = None,
+        idempotency_key: str | None = None,
+    ) -> SendEmailPayload:
+        async def run() -> SendEmailPayload:
+            p = await info.context.principal("send")
+            services = info.context.services
+            header_map: dict[str, str] = {}
+            for h in headers or []:
+                header_map[h.name] = h.value
+            msg = OutboundMessage(
+                from_=from_, to=list(to or []), cc=list(cc or []), bcc=list(bcc or []),
+                reply_to=list(reply_to or []), subject=subject, text_body=text_body,
+                html_body=html_body, headers=header_map,
+                attachments=_attachments(attachments))
+            opts = SubmitOptions(idempotency_key=idempotency_key, tags=list(tags or []),
+                                 metadata=_metadata(metadata), source="graphql")
+            message_id = await submit(services.db, p, msg, opts, settings=services.settings,
+                                      now=services.clock())
+            services.wakeup.set()
+            row = await _message_row(info, p.org, message_id)
+            if row is None:
+                raise NotFound("the stored message could not be read back")
+            return SendEmailPayload(message=Message.of(row), errors=[])
+
+        return await _payload(run, lambda e: SendEmailPayload(message=None, errors=e))
+
+    @strawberry.mutation
+    async def create_api_key(self, info: strawberry.Info, scopes: list[ApiKeyScope],
+                             name: str | None = None) -> CreateApiKeyPayload:
+        async def run() -> CreateApiKeyPayload:
+            p = await info.context.principal("admin")
+            s = info.context.services
+            row, key = await tenancy.create_api_key(s.db, p.org, [x.value for x in scopes],
+                                                    s.clock(), name or "")
+            return CreateApiKeyPayload(api_key=ApiKey.of(row), key=key, errors=[])
+
+        return await _payload(run, lambda e: CreateApiKeyPayload(api_key=None, key=None,
+                                                                 errors=e))
+
+    @strawberry.mutation
+    async def revoke_api_key(self, info: strawberry.Info, id: strawberry.ID) -> ApiKeyPayload:
+        async def run() -> ApiKeyPayload:
+            p = await info.context.principal("admin")
+            s = info.context.services
+            row = await tenancy.revoke_api_key(s.db, p.org, str(id), s.clock())
+            return ApiKeyPayload(api_key=ApiKey.of(row), errors=[])
+
+        return await _payload(run, lambda e: ApiKeyPayload(api_key=None, errors=e))
+
+    @strawberry.mutation
+    async def add_domain(self, info: strawberry.Info, domain: str) -> DomainPayload:
+        async def run() -> DomainPayload:
+            p = await info.context.principal("admin")
+            s = info.context.services
+            row = await tenancy.add_domain(s.db, s.box, p.org, domain, s.clock())
+            return DomainPayload(domain=Domain.of(row), errors=[])
+
+        return await _payload(run, lambda e: DomainPayload(domain=None, errors=e))
+
+    @strawberry.mutation
+    async def verify_domain(self, info: strawberry.Info, domain: str) -> VerifyDomainPayload:
+        async def run() -> VerifyDomainPayload:
+            p = await info.context.principal("admin")
+            s = info.context.services
+            row, checks = await tenancy.verify_domain(s.db, s.resolver, p.org, domain, s.clock())
+            return VerifyDomainPayload(domain=Domain.of(row), errors=[], checks=[
+                DnsRecordCheck(type=c["type"], name=c["name"], value=c["value"], ok=c["ok"],
+                               found=c["found"], error=c["error"]) for c in checks])
+
+        return await _payload(run, lambda e: VerifyDomainPayload(domain=None, checks=[],
+                                                                 errors=e))
+
+    @strawberry.mutation
+    async def set_domain_quotas(
+        self, info: strawberry.Info, domain: str, max_recipients_per_message: int | None = None,
+        hourly_send_limit: int | None = None, daily_send_limit: int | None = None,
+        max_queued_jobs: int | None = None,
+    ) -> DomainPayload:
+        """Set per-domain limits; a null argument clears the override (organization default)."""
+
+        async def run() -> DomainPayload:
+            p = await info.context.principal("admin")
+            row = await tenancy.set_domain_quotas(info.context.services.db, p.org, domain, {
+                "quota_max_recipients_per_message": max_recipients_per_message,
+                "quota_hourly_send_limit": hourly_send_limit,
+                "quota_daily_send_limit": daily_send_limit,
+                "quota_max_queued_jobs": max_queued_jobs,
+            })
+            return DomainPayload(domain=Domain.of(row), errors=[])
+
+        return await _payload(run, lambda e: DomainPayload(domain=None, errors=e))
+
+    @strawberry.mutation
+    async def add_suppression(self, info: strawberry.Info, scope: SuppressionScope, value: str,
+                              reason: str | None = None, expires_at: datetime | None = None
+                              ) -> SuppressionPayload:
+        async def run() -> SuppressionPayload:
+            p = await info.context.principal("admin")
+            s = info.context.services
+            row = await supp.add_suppression(s.db, p.org, scope.value, value,
+                                             reason or "added by API", s.clock(),
+                                             expires_at=expires_at)
+            return SuppressionPayload(suppression=Suppression.of(row), errors=[])
+
+        return await _payload(run, lambda e: SuppressionPayload(suppression=None, errors=e))
+
+    @strawberry.mutation
+    async def remove_suppression(self, info: strawberry.Info, scope: SuppressionScope,
+                                 value: str) -> RemoveSuppressionPayload:
+        async def run() -> RemoveSuppressionPayload:
+            p = await info.context.principal("admin")
+            await supp.remove_suppression(info.context.services.db, p.org, scope.value, value)
+            return RemoveSuppressionPayload(removed=True, errors=[])
+
+        return await _payload(run, lambda e: RemoveSuppressionPayload(removed=False, errors=e))
+
+
+def _should_mask(error: Any) -> bool:
+    # Our typed errors and GraphQL's own are safe to show; anything else is masked.
+    original = error.original_error
+    return original is not None and not isinstance(original, (InboxError, GraphQLError))
+
+
+class ErrorCodes(SchemaExtension):
+    """Puts our stable error code (and field) into `extensions` of GraphQL errors."""
+
+    def on_execute(self) -> Iterator[None]:
+        yield
+        result = self.execution_context.result
+        for err in (result.errors if result else None) or []:
+            original = err.original_error
+            if isinstance(original, InboxError):
+                err.extensions = {**(err.extensions or {}), "code": original.code,
+                                  "field": original.field}
+
+
+def build_schema() -> strawberry.Schema:
+    return strawberry.Schema(
+        query=Query, mutation=Mutation,
+        extensions=[ParserCache(maxsize=256), ValidationCache(maxsize=256),
+                    MaskErrors(should_mask_error=_should_mask), ErrorCodes],
+    )

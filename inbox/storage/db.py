@@ -1,0 +1,176 @@
+"""SurrealDB access: one serialised gateway per process, statement-level error checking, ids.
+
+The embedded engine is unsafe under concurrent calls (see ENGINE-NOTES), so every call goes
+through one lock. Multi-statement text is sent with `query_raw` and every statement's status is
+checked; `THROW 'CODE|detail'` inside a transaction becomes a typed `DbThrow`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import secrets
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from surrealdb import AsyncSurreal, RecordID
+
+from inbox.errors import ConfigError, Conflict, InboxError, StorageUnavailable
+
+log = logging.getLogger(__name__)
+
+_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def new_id(prefix: str) -> str:
+    """A time-sortable unique id: `prefix_` + 10 chars of ms time + 12 random chars."""
+    ms = int(time.time() * 1000)
+    head = "".join(_CROCKFORD[(ms >> shift) & 31] for shift in range(45, -1, -5))
+    tail = "".join(secrets.choice(_CROCKFORD) for _ in range(12))
+    return f"{prefix}_{head}{tail}"
+
+
+class DbThrow(InboxError):
+    """A `THROW 'CODE|detail'` raised by a statement inside our own SurrealQL."""
+
+    code = "DB_THROW"
+
+    def __init__(self, throw_code: str, detail: str) -> None:
+        super().__init__(f"{throw_code}: {detail}")
+        self.throw_code = throw_code
+        self.detail = detail
+
+
+def plain(value: Any) -> Any:
+    """Turn SDK values into plain Python: RecordID → its key, recursively."""
+    if isinstance(value, RecordID):
+        return value.id
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+class DataDirLock:
+    """Exclusive lock on the data dir: one process per embedded database (ENGINE-NOTES)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "inbox.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = self.path.read_text().strip() or "another process"
+            raise ConfigError(
+                f"INBOX_DATA_DIR: {self.path.parent} is in use by {holder}; the embedded "
+                "database allows one process per data dir. Stop it, or point "
+                "INBOX_DATABASE_URL at a SurrealDB server (ws://…) to run several processes."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+class Database:
+    """The gateway. `run()` executes SurrealQL and returns each statement's result."""
+
+    def __init__(self, url: str, *, namespace: str, database: str, username: str = "",
+                 password: str = "", sync: bool = True) -> None:
+        self.url = url
+        self.namespace = namespace
+        self.database = database
+        self._username = username
+        self._password = password
+        self._sync = sync
+        self._conn: Any = None
+        self._lock = asyncio.Lock()
+        self._dir_lock: DataDirLock | None = None
+        self.embedded = not url.startswith(("ws://", "wss://", "http://", "https://"))
+
+    async def connect(self) -> None:
+        if self.embedded and self.url.startswith(("surrealkv://", "file://")):
+            path = Path(self.url.split("://", 1)[1])
+            self._dir_lock = DataDirLock(path.parent)
+            self._dir_lock.acquire()
+            if self._sync:
+                # ENGINE-NOTES: fsync per commit only when set before the engine starts.
+                os.environ["SURREAL_SYNC_DATA"] = "true"
+        try:
+            conn = AsyncSurreal(self.url)
+            await conn.connect()
+            if self._username:
+                await conn.signin({"username": self._username, "password": self._password})
+            await conn.use(self.namespace, self.database)
+        except Exception as exc:
+            if self._dir_lock:
+                self._dir_lock.release()
+            raise ConfigError(f"INBOX_DATABASE_URL: cannot open {self.url}: {exc}") from None
+        self._conn = conn
+        from inbox.storage.schema import migrate
+
+        await migrate(self)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            async with self._lock:
+                try:
+                    await self._conn.close()
+                except Exception:  # noqa: BLE001 - closing is best effort
+                    log.debug("close failed", exc_info=True)
+                self._conn = None
+        if self._dir_lock:
+            self._dir_lock.release()
+            self._dir_lock = None
+
+    async def run(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Any]:
+        """Run one or more statements; return the list of statement results (plain values).
+
+        Raises DbThrow for our own THROWs, Conflict for unique-index violations and
+        StorageUnavailable for anything else the engine reports.
+        """
+        if self._conn is None:
+            raise StorageUnavailable("database is not connected")
+        async with self._lock:
+            try:
+                raw = await self._conn.query_raw(sql, dict(params or {}))
+            except Exception as exc:  # noqa: BLE001 - SDK raises bare RuntimeError on parse errors
+                log.exception("database call failed")
+                raise StorageUnavailable(f"database error: {exc}") from None
+        if "error" in raw:
+            raise StorageUnavailable(f"database error: {raw['error']}")
+        results = raw.get("result") or []
+        errors = [r for r in results if r.get("status") != "OK"]
+        if errors:
+            texts = [str(r.get("result")) for r in errors]
+            for text in texts:
+                if text.startswith("An error occurred: "):
+                    body = text.removeprefix("An error occurred: ")
+                    code, _, detail = body.partition("|")
+                    raise DbThrow(code, detail)
+            for text in texts:
+                if "already contains" in text or "already exists" in text:
+                    raise Conflict(text)
+            log.error("statement failed: %s", texts)
+            raise StorageUnavailable(f"database error: {texts[0]}")
+        return [plain(r.get("result")) for r in results]
+
+    async def one(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        """Run statements and return the last statement's result."""
+        results = await self.run(sql, params)
+        return results[-1] if results else None

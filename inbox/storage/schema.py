@@ -1,0 +1,56 @@
+"""Database schema: tables, indexes and functions, applied idempotently at start-up.
+
+`fn::message_status` derives a message's status from its recipients' statuses, inside the
+same transaction that changes them, so concurrent jobs of one message cannot race it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from inbox.storage.db import Database
+
+# Tenant data carries `org` (our organization id); every tenant query filters on it.
+SCHEMA = """
+DEFINE TABLE IF NOT EXISTS organization SCHEMALESS;
+DEFINE TABLE IF NOT EXISTS domain SCHEMALESS;
+DEFINE TABLE IF NOT EXISTS has_domain TYPE RELATION IN organization OUT domain SCHEMALESS;
+DEFINE INDEX IF NOT EXISTS has_domain_out ON has_domain FIELDS out UNIQUE;
+DEFINE INDEX IF NOT EXISTS has_domain_org ON has_domain FIELDS org;
+DEFINE TABLE IF NOT EXISTS api_key SCHEMALESS;
+DEFINE INDEX IF NOT EXISTS api_key_org ON api_key FIELDS org;
+DEFINE TABLE IF NOT EXISTS message SCHEMALESS;
+DEFINE INDEX IF NOT EXISTS message_org ON message FIELDS org, created_at;
+DEFINE TABLE IF NOT EXISTS message_raw SCHEMALESS;
+DEFINE TABLE IF NOT EXISTS recipient SCHEMALESS;
+DEFINE INDEX IF NOT EXISTS recipient_message ON recipient FIELDS message;
+DEFINE INDEX IF NOT EXISTS recipient_job ON recipient FIELDS job;
+DEFINE TABLE IF NOT EXISTS job SCHEMALESS;
+DEFINE INDEX IF NOT EXISTS job_due ON job FIELDS status, due;
+DEFINE INDEX IF NOT EXISTS job_owner ON job FIELDS owner;
+DEFINE TABLE IF NOT EXISTS event SCHEMALESS;
+DEFINE INDEX IF NOT EXISTS event_message ON event FIELDS message;
+DEFINE INDEX IF NOT EXISTS event_at ON event FIELDS at;
+DEFINE TABLE IF NOT EXISTS suppression SCHEMALESS;
+DEFINE INDEX IF NOT EXISTS suppression_org ON suppression FIELDS org, created_at;
+DEFINE TABLE IF NOT EXISTS idempotency SCHEMALESS;
+DEFINE INDEX IF NOT EXISTS idempotency_expiry ON idempotency FIELDS expires_at;
+DEFINE TABLE IF NOT EXISTS quota_counter SCHEMALESS;
+DEFINE FUNCTION OVERWRITE fn::message_status($s: array) {
+  LET $d = array::distinct($s);
+  LET $pending = 'QUEUED' IN $d OR 'DEFERRED' IN $d;
+  LET $failed = 'BOUNCED' IN $d OR 'EXPIRED' IN $d;
+  IF array::len(array::complement($d, ['SUPPRESSED'])) == 0 { RETURN 'SUPPRESSED' };
+  IF $pending AND ('DELIVERED' IN $d OR $failed) { RETURN 'SENDING' };
+  IF 'DEFERRED' IN $d { RETURN 'DEFERRED' };
+  IF $pending { RETURN 'QUEUED' };
+  IF 'DELIVERED' IN $d AND $failed { RETURN 'PARTIALLY_DELIVERED' };
+  IF 'DELIVERED' IN $d { RETURN 'DELIVERED' };
+  RETURN 'FAILED';
+};
+"""
+
+
+async def migrate(db: Database) -> None:
+    await db.run(SCHEMA)

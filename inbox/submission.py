@@ -1,0 +1,210 @@
+"""submit(): the one way mail gets in for sending (GraphQL today, SMTP submission later).
+
+Authorises the principal, checks the From domain belongs to the organization and is verified,
+validates and builds the MIME, applies idempotency, quotas and suppressions, and stores the
+message with one job per recipient domain in a single transaction — durable before "ok".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from inbox.delivery.suppressions import active_suppressions
+from inbox.errors import (
+    DomainNotVerified,
+    Forbidden,
+    IdempotencyConflict,
+    NotFound,
+    QuotaExceeded,
+    ValidationError,
+)
+from inbox.message import OutboundMessage, build_mime, validate
+from inbox.storage import Database, DbThrow, new_id
+from inbox.tenancy import Principal, effective_quotas, get_domain, get_organization
+
+MAX_TAGS = 10
+MAX_METADATA_KEYS = 50
+
+
+@dataclass
+class SubmitOptions:
+    idempotency_key: str | None = None
+    tags: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    source: str = "graphql"
+
+
+def _payload_hash(msg: OutboundMessage, opts: SubmitOptions) -> str:
+    data = asdict(msg)
+    for att in data["attachments"]:
+        att["content"] = hashlib.sha256(att["content"]).hexdigest()
+    data["tags"] = opts.tags
+    data["metadata"] = opts.metadata
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _check_options(opts: SubmitOptions) -> None:
+    if opts.idempotency_key is not None and not (1 <= len(opts.idempotency_key) <= 200):
+        raise ValidationError("idempotencyKey must be 1-200 characters",
+                              field=["idempotencyKey"])
+    if len(opts.tags) > MAX_TAGS:
+        raise ValidationError(f"at most {MAX_TAGS} tags", field=["tags"])
+    for i, tag in enumerate(opts.tags):
+        if not tag or len(tag) > 100 or any(ord(c) < 32 for c in tag):
+            raise ValidationError("tags are 1-100 printable characters", field=["tags", str(i)])
+    if len(opts.metadata) > MAX_METADATA_KEYS:
+        raise ValidationError(f"at most {MAX_METADATA_KEYS} metadata keys", field=["metadata"])
+    for key, value in opts.metadata.items():
+        if not key or len(key) > 100 or len(str(value)) > 1000:
+            raise ValidationError("metadata keys are 1-100 and values up to 1000 characters",
+                                  field=["metadata", key])
+
+
+def _window_end(now: datetime, hours: int) -> datetime:
+    start = now.replace(minute=0, second=0, microsecond=0)
+    if hours == 24:
+        start = start.replace(hour=0)
+    return start + timedelta(hours=hours)
+
+
+# One transaction: idempotency, quotas (fixed windows, counted in recipients), then the rows.
+# THROW 'CODE|detail' rolls everything back and surfaces as DbThrow.
+_STORE = """
+BEGIN TRANSACTION;
+IF $idem_id != NONE {
+  LET $prev = (SELECT * FROM ONLY type::thing('idempotency', $idem_id));
+  IF $prev != NONE AND $prev.expires_at > $now {
+    IF $prev.payload_hash = $hash { THROW 'IDEMPOTENT_REPLAY|' + $prev.message }
+    ELSE { THROW 'IDEMPOTENCY_CONFLICT|' + $prev.message };
+  };
+};
+IF $count > 0 {
+  LET $h = (UPSERT type::thing('quota_counter', [$domain, 'hour', $hour]) SET n += $count
+            RETURN AFTER)[0].n;
+  IF $hourly_limit != NONE AND $h > $hourly_limit { THROW 'QUOTA|hourly_send_limit' };
+  LET $d = (UPSERT type::thing('quota_counter', [$domain, 'day', $day]) SET n += $count
+            RETURN AFTER)[0].n;
+  IF $daily_limit != NONE AND $d > $daily_limit { THROW 'QUOTA|daily_send_limit' };
+  LET $q = (UPSERT type::thing('quota_counter', [$domain, 'queued', 0]) SET n += $jobcount
+            RETURN AFTER)[0].n;
+  IF $max_queued != NONE AND $q > $max_queued { THROW 'QUOTA|max_queued_jobs' };
+};
+CREATE type::thing('message', $message.id) CONTENT $message;
+CREATE type::thing('message_raw', $message.id) SET org = $message.org, raw = $raw;
+INSERT INTO recipient $recipients;
+INSERT INTO job $jobs;
+INSERT INTO event $events;
+IF $idem_id != NONE {
+  UPSERT type::thing('idempotency', $idem_id) CONTENT {
+    org: $message.org, key: $idem_key, payload_hash: $hash, message: $message.id,
+    created_at: $now, expires_at: $idem_expires };
+};
+COMMIT TRANSACTION;
+"""
+
+
+async def submit(db: Database, principal: Principal, msg: OutboundMessage, opts: SubmitOptions,
+                 *, settings: Any, now: datetime | None = None) -> str:
+    """Store a message for delivery; returns the message id (the first one on a replay)."""
+    now = now or datetime.now(UTC)
+    principal.require("send")
+    _check_options(opts)
+    validated = validate(msg, max_bytes=settings.SMTP_MAX_MESSAGE_BYTES)
+    sender = validated.from_
+    try:
+        domain_row = await get_domain(db, principal.org, sender.ascii_domain)
+    except NotFound:
+        raise Forbidden(f"{sender.ascii_domain} is not a domain of your organization",
+                        field=["from"]) from None
+    if not domain_row["verified"]:
+        raise DomainNotVerified(
+            f"{sender.ascii_domain} is not verified yet: publish its DNS records and call "
+            "verifyDomain", field=["from"])
+    org_row = await get_organization(db, principal.org)
+    limits = effective_quotas(settings, org_row, domain_row)
+    recipients = validated.envelope_recipients
+    if len(recipients) > limits["quota_max_recipients_per_message"]:
+        raise QuotaExceeded(
+            f"{len(recipients)} recipients exceed the limit of "
+            f"{limits['quota_max_recipients_per_message']} per message",
+            limit="max_recipients_per_message", field=["to"])
+
+    suppressed = await active_suppressions(db, principal.org, recipients, now)
+    raw, message_id_header = build_mime(validated, sender.ascii_domain, now,
+                                        max_bytes=settings.SMTP_MAX_MESSAGE_BYTES)
+    message_id = new_id("msg")
+    job_ids: dict[str, str] = {}  # recipient domain -> job id
+    rcpt_rows, events = [], []
+    for addr in recipients:
+        reason = suppressed.get(addr.addr_spec.lower()) or suppressed.get(addr.ascii_domain)
+        job_id = None
+        if reason is not None:
+            events.append({"id": new_id("evt"), "org": principal.org, "message": message_id,
+                           "type": "SUPPRESSED", "at": now, "recipient": addr.addr_spec,
+                           "detail": reason})
+        else:
+            job_id = job_ids.setdefault(
+                addr.ascii_domain, f"job_{message_id.removeprefix('msg_')}_{len(job_ids) + 1}")
+        rcpt_rows.append({
+            "id": new_id("rcpt"), "org": principal.org, "message": message_id, "job": job_id,
+            "address": addr.addr_spec, "domain": addr.ascii_domain,
+            "status": "SUPPRESSED" if reason is not None else "QUEUED",
+            "attempts": 0, "last_response": None, "next_attempt_at": None, "updated_at": now,
+        })
+    jobs = [{
+        "id": job_id, "org": principal.org, "message": message_id,
+        "sending_domain": sender.ascii_domain, "rcpt_domain": rcpt_domain, "status": "queued",
+        "due": now, "attempts": 0, "owner": None, "lease_until": None, "created_at": now,
+        "expires_at": now + timedelta(seconds=settings.SMTP_OUTBOUND_TTL_SECS),
+    } for rcpt_domain, job_id in job_ids.items()]
+    events.append({"id": new_id("evt"), "org": principal.org, "message": message_id,
+                   "type": "QUEUED", "at": now, "recipient": None,
+                   "detail": f"{len(jobs)} delivery job(s) via {opts.source}"})
+    statuses = [r["status"] for r in rcpt_rows]
+    message = {
+        "id": message_id, "org": principal.org, "domain": sender.ascii_domain,
+        "message_id": message_id_header, "from": validated.from_header,
+        "envelope_from": sender.addr_spec, "to": [a.addr_spec for a in validated.to],
+        "cc": [a.addr_spec for a in validated.cc], "subject": msg.subject,
+        "status": "SUPPRESSED" if "QUEUED" not in statuses else "QUEUED",
+        "created_at": now, "updated_at": now, "tags": opts.tags,
+        "metadata": opts.metadata, "source": opts.source, "size": len(raw),
+        "smtputf8": validated.smtputf8, "idempotency_key": opts.idempotency_key,
+    }
+    sent_count = statuses.count("QUEUED")
+    hash_ = _payload_hash(msg, opts) if opts.idempotency_key else None
+    params = {
+        "idem_id": [principal.org, opts.idempotency_key] if opts.idempotency_key else None,
+        "idem_key": opts.idempotency_key, "hash": hash_,
+        "idem_expires": now + timedelta(seconds=settings.INBOX_IDEMPOTENCY_TTL_SECS),
+        "now": now, "count": sent_count, "jobcount": len(jobs),
+        "domain": sender.ascii_domain, "hour": now.strftime("%Y%m%d%H"),
+        "day": now.strftime("%Y%m%d"),
+        "hourly_limit": limits["quota_hourly_send_limit"],
+        "daily_limit": limits["quota_daily_send_limit"],
+        "max_queued": limits["quota_max_queued_jobs"],
+        "message": message, "raw": raw, "recipients": rcpt_rows, "jobs": jobs,
+        "events": events,
+    }
+    try:
+        await db.run(_STORE, params)
+    except DbThrow as exc:
+        if exc.throw_code == "IDEMPOTENT_REPLAY":
+            return exc.detail
+        if exc.throw_code == "IDEMPOTENCY_CONFLICT":
+            raise IdempotencyConflict(
+                f"idempotency key already used with a different payload (message {exc.detail})",
+                field=["idempotencyKey"]) from None
+        if exc.throw_code == "QUOTA":
+            limit = exc.detail
+            hours = 1 if limit == "hourly_send_limit" else 24
+            resets = _window_end(now, hours).isoformat() if limit != "max_queued_jobs" else None
+            when = f"; resets at {resets}" if resets else "; frees up as queued mail is delivered"
+            raise QuotaExceeded(f"{limit} of {sender.ascii_domain} reached{when}",
+                                limit=limit, resets_at=resets) from None
+        raise
+    return message_id

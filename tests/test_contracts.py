@@ -1,0 +1,58 @@
+"""Generated contracts stay current: schema.graphql and .env.example."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from inbox.config import load_settings, setting_names
+from inbox.errors import ConfigError
+from inbox.graphql import build_schema
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_schema_file_matches_served_schema() -> None:
+    served = build_schema().as_str().strip()
+    on_disk = (ROOT / "schema.graphql").read_text().strip()
+    assert on_disk == served, "schema.graphql is stale: run `python -m inbox schema > schema.graphql`"
+
+
+def test_env_example_lists_every_setting_with_a_comment() -> None:
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    names = []
+    for i, line in enumerate(lines):
+        match = re.match(r"^([A-Z][A-Z0-9_]*)=", line)
+        if match:
+            names.append(match.group(1))
+            assert lines[i - 1].startswith("# "), f"{match.group(1)} has no comment line"
+    assert sorted(names) == sorted(setting_names())
+
+
+def test_env_example_defaults_load() -> None:
+    values = {}
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        if re.match(r"^[A-Z]", line):
+            name, _, value = line.partition("=")
+            values[name] = value
+    defaults = load_settings(env={})
+    loaded = load_settings(env=values)
+    for name in setting_names():
+        assert getattr(loaded, name) == getattr(defaults, name), name
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("INBOX_HTTP_PORT", "http"),
+    ("INBOX_HTTP_PORT", "70000"),
+    ("SMTP_OUTBOUND_MAX_ATTEMPTS", "0"),
+    ("INBOX_DATABASE_URL", "postgres://x"),
+    ("INBOX_DB_SYNC", "maybe"),
+    ("OTEL_TRACES_EXPORTER", "jaeger"),
+], ids=["port-text", "port-range", "attempts-zero", "db-scheme", "bool", "exporter"])
+def test_bad_setting_names_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={name: value})
+    assert str(info.value).startswith(f"{name}:")
+    assert "\n" not in str(info.value)

@@ -1,0 +1,123 @@
+"""End to end over real peers: GraphQL over HTTP → SurrealDB → worker → DNS → SMTP sink."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email
+from email import policy
+from typing import Any
+
+import dkim
+import dns.resolver
+
+from tests.conftest import SEND, Stack, make_tenant, route_to_sink, wait_status
+
+
+def _dnsfunc_via(stack: Stack):  # type: ignore[no-untyped-def]
+    """dkimpy's DNS lookup, answered by the same loopback DNS server (no monkeypatching)."""
+    res = dns.resolver.Resolver(configure=False)
+    host, port = stack.dns.address.rsplit(":", 1)
+    res.nameservers = [host]
+    res.port = int(port)
+
+    def lookup(name: bytes, timeout: int = 5) -> bytes:
+        try:
+            answer = res.resolve(name.decode().rstrip("."), "TXT")
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return b""
+        return b"".join(b"".join(r.strings) for r in answer)
+
+    return lookup
+
+
+async def test_send_delivers_signed_message(stack: Stack, smtp_sink: Any) -> None:
+    tenant = await make_tenant(stack.services, stack.dns)
+    route_to_sink(stack.dns, "dest.test")
+    result = await stack.api(SEND, {
+        "from": f"Acme <hello@{tenant.domain}>", "to": ["alice@dest.test", "bob@dest.test"],
+        "subject": "Grüße aus Köln", "text": "plain body", "html": "<p>html body</p>",
+        "tags": ["welcome"], "metadata": {"user": "42"},
+    }, key=tenant.key)
+    payload = result["data"]["sendEmail"]
+    assert payload["errors"] == []
+    msg_id = payload["message"]["id"]
+    assert payload["message"]["status"] == "QUEUED"
+
+    msg = await wait_status(stack.api, tenant.key, msg_id, {"DELIVERED"})
+    assert {r["address"]: r["status"] for r in msg["recipients"]} == {
+        "alice@dest.test": "DELIVERED", "bob@dest.test": "DELIVERED"}
+    assert all(r["attempts"] == 1 and r["lastResponse"].startswith("250")
+               for r in msg["recipients"])
+    types = [e["type"] for e in msg["events"]]
+    assert types.count("DELIVERED") == 2 and "QUEUED" in types
+    assert msg["tags"] == ["welcome"] and msg["metadata"] == {"user": "42"}
+
+    smtp_sink.wait_for(1)
+    received = smtp_sink.messages[0]
+    assert sorted(received.rcpt_tos) == ["alice@dest.test", "bob@dest.test"]
+    assert received.mail_from == f"hello@{tenant.domain}"
+    raw = received.data
+    parsed = email.message_from_bytes(raw, policy=policy.default)
+    assert str(parsed["Subject"]) == "Grüße aus Köln"
+    assert parsed["Message-ID"].endswith(f"@{tenant.domain}>")
+    sigs = parsed.get_all("DKIM-Signature")
+    assert len(sigs) == 2 and any("a=ed25519-sha256" in s for s in sigs)
+    dnsfunc = _dnsfunc_via(stack)
+    verifier = dkim.DKIM(raw)
+    assert verifier.verify(idx=0, dnsfunc=dnsfunc)
+    assert verifier.verify(idx=1, dnsfunc=dnsfunc)
+
+
+async def test_attachments_and_bcc(stack: Stack, smtp_sink: Any) -> None:
+    tenant = await make_tenant(stack.services, stack.dns)
+    route_to_sink(stack.dns, "dest.test")
+    content = b"%PDF-1.4 fake" * 100
+    result = await stack.api(SEND, {
+        "from": f"hello@{tenant.domain}", "to": ["alice@dest.test"],
+        "bcc": ["secret@dest.test"], "subject": "Invoice", "text": "see attached",
+        "attachments": [{"filename": "invoice.pdf", "contentType": "application/pdf",
+                         "content": base64.b64encode(content).decode()}],
+    }, key=tenant.key)
+    msg_id = result["data"]["sendEmail"]["message"]["id"]
+    await wait_status(stack.api, tenant.key, msg_id, {"DELIVERED"})
+    smtp_sink.wait_for(1)
+    received = smtp_sink.messages[0]
+    assert sorted(received.rcpt_tos) == ["alice@dest.test", "secret@dest.test"]
+    parsed = email.message_from_bytes(received.data, policy=policy.default)
+    assert parsed["Bcc"] is None and b"secret@dest.test" not in received.data
+    parts = [p for p in parsed.iter_attachments()]
+    assert parts[0].get_filename() == "invoice.pdf" and parts[0].get_content() == content
+
+
+async def test_recipients_at_two_domains_become_two_jobs(stack: Stack, smtp_sink: Any) -> None:
+    tenant = await make_tenant(stack.services, stack.dns)
+    route_to_sink(stack.dns, "one.test")
+    route_to_sink(stack.dns, "two.test")
+    result = await stack.api(SEND, {
+        "from": f"hello@{tenant.domain}", "to": ["a@one.test", "b@two.test"],
+        "subject": "x", "text": "y"}, key=tenant.key)
+    msg_id = result["data"]["sendEmail"]["message"]["id"]
+    await wait_status(stack.api, tenant.key, msg_id, {"DELIVERED"})
+    jobs = await stack.services.db.one("SELECT rcpt_domain, status FROM job WHERE message = $m",
+                                       {"m": msg_id})
+    assert sorted((j["rcpt_domain"], j["status"]) for j in jobs) == [
+        ("one.test", "done"), ("two.test", "done")]
+    smtp_sink.wait_for(2)
+    assert sorted(tuple(m.rcpt_tos) for m in smtp_sink.messages) == [("a@one.test",),
+                                                                     ("b@two.test",)]
+
+
+async def test_concurrent_sends_all_delivered_once(stack: Stack, smtp_sink: Any) -> None:
+    tenant = await make_tenant(stack.services, stack.dns)
+    route_to_sink(stack.dns, "dest.test")
+    results = await asyncio.gather(*(stack.api(SEND, {
+        "from": f"hello@{tenant.domain}", "to": [f"user{i}@dest.test"], "subject": f"n{i}",
+        "text": "y"}, key=tenant.key) for i in range(30)))
+    ids = [r["data"]["sendEmail"]["message"]["id"] for r in results]
+    for msg_id in ids:
+        await wait_status(stack.api, tenant.key, msg_id, {"DELIVERED"})
+    smtp_sink.wait_for(30)
+    await asyncio.sleep(0.3)
+    rcpts = sorted(r for m in smtp_sink.messages for r in m.rcpt_tos)
+    assert rcpts == sorted(f"user{i}@dest.test" for i in range(30))
