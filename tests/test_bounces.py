@@ -9,6 +9,8 @@ from inbox.delivery.transport import RecipientResult, SmtpTransport, split_enhan
 from tests.support.fixtures_smtp import smtp_sink  # noqa: F401
 from tests.support.smtpsink import SmtpSink
 
+# ruff: noqa: F811 - pytest injects the imported fixtures by parameter name.
+
 
 def reply(line: str, *, delivered: bool = False) -> RecipientResult:
     code_text, _, message = line.partition(" ")

@@ -26,6 +26,8 @@ from tests.support.fixtures_smtp import (  # noqa: F401
 )
 from tests.support.smtpsink import SmtpSink, make_self_signed_cert, make_self_signed_context
 
+# ruff: noqa: F811 - pytest injects the imported fixtures by parameter name.
+
 MakeSink = Callable[..., SmtpSink]
 RAW = (b"From: a@sender.test\r\nTo: ok@x.test\r\nSubject: hi\r\n\r\n"
        b"line one\r\n.leading dot\r\n..two dots\r\n.\r\nlast\r\n")
