@@ -53,7 +53,7 @@ async def test_send_delivers_signed_message(stack: Stack, smtp_sink: Any) -> Non
     assert types.count("DELIVERED") == 2 and "QUEUED" in types
     assert msg["tags"] == ["welcome"] and msg["metadata"] == {"user": "42"}
 
-    smtp_sink.wait_for(1)
+    await smtp_sink.wait_for(1)
     received = smtp_sink.messages[0]
     assert sorted(received.rcpt_tos) == ["alice@dest.test", "bob@dest.test"]
     assert received.mail_from == f"hello@{tenant.domain}"
@@ -81,7 +81,7 @@ async def test_attachments_and_bcc(stack: Stack, smtp_sink: Any) -> None:
     }, key=tenant.key)
     msg_id = result["data"]["sendEmail"]["message"]["id"]
     await wait_status(stack.api, tenant.key, msg_id, {"DELIVERED"})
-    smtp_sink.wait_for(1)
+    await smtp_sink.wait_for(1)
     received = smtp_sink.messages[0]
     assert sorted(received.rcpt_tos) == ["alice@dest.test", "secret@dest.test"]
     parsed = email.message_from_bytes(received.data, policy=policy.default)
@@ -103,7 +103,7 @@ async def test_recipients_at_two_domains_become_two_jobs(stack: Stack, smtp_sink
                                        {"m": msg_id})
     assert sorted((j["rcpt_domain"], j["status"]) for j in jobs) == [
         ("one.test", "done"), ("two.test", "done")]
-    smtp_sink.wait_for(2)
+    await smtp_sink.wait_for(2)
     assert sorted(tuple(m.rcpt_tos) for m in smtp_sink.messages) == [("a@one.test",),
                                                                      ("b@two.test",)]
 
@@ -117,7 +117,7 @@ async def test_concurrent_sends_all_delivered_once(stack: Stack, smtp_sink: Any)
     ids = [r["data"]["sendEmail"]["message"]["id"] for r in results]
     for msg_id in ids:
         await wait_status(stack.api, tenant.key, msg_id, {"DELIVERED"})
-    smtp_sink.wait_for(30)
+    await smtp_sink.wait_for(30)
     await asyncio.sleep(0.3)
     rcpts = sorted(r for m in smtp_sink.messages for r in m.rcpt_tos)
     assert rcpts == sorted(f"user{i}@dest.test" for i in range(30))

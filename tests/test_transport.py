@@ -322,6 +322,19 @@ async def test_no_reply_to_data_in_time_is_not_delivered(smtp_sink: SmtpSink) ->
         smtp_sink.hold_data.set()
 
 
+async def test_cancelled_delivery_propagates(smtp_sink: SmtpSink) -> None:
+    smtp_sink.hold_data = threading.Event()
+    task = asyncio.create_task(transport().deliver(
+        [at(smtp_sink)], "a@sender.test", ["ok@x.test"], RAW))
+    try:
+        assert await asyncio.to_thread(smtp_sink.data_held.wait, 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        smtp_sink.hold_data.set()
+
+
 async def test_smtputf8_used_when_supported(smtp_sink: SmtpSink) -> None:
     result = await transport().deliver([at(smtp_sink)], "sénder@sender.test", ["üser@x.test"],
                                        RAW, smtputf8=True)

@@ -53,7 +53,10 @@ _QUIT_TIMEOUT = 5.0
 
 
 class HostLike(Protocol):
-    host: str
+    """Anything with a host name, e.g. a frozen `MxHost`; an optional `.port` is honoured."""
+
+    @property
+    def host(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -283,12 +286,15 @@ class SmtpTransport:
             try:
                 results = await self._transaction(conn, mail_from, rcpts, raw, smtputf8)
             except _HostFailed as exc:
+                conn.smtp.close()
                 log.info("smtp %s:%s failed before DATA: %s", endpoint.host, endpoint.port,
                          exc.text)
                 failures.append((endpoint, exc))
                 continue
-            finally:
-                await self._close(conn)
+            except BaseException:  # cancelled: drop the connection, no polite QUIT
+                conn.smtp.close()
+                raise
+            await self._close(conn)
             return AttemptResult(results, endpoint.host, conn.tls, None)
         return _unreachable(rcpts, failures)
 
@@ -341,12 +347,11 @@ class SmtpTransport:
             if self.relay is not None and self.relay.username is not None:
                 await self._login(smtp, self.relay.username, self.relay.password or "")
             return _Connection(endpoint, smtp, tls)
-        except _HostFailed:
+        except BaseException as exc:  # including cancellation: never leak the socket
             smtp.close()
+            if isinstance(exc, (SMTPException, OSError)):
+                raise _HostFailed(_describe(exc)) from None
             raise
-        except (SMTPException, OSError) as exc:
-            smtp.close()
-            raise _HostFailed(_describe(exc)) from None
 
     async def _hello(self, smtp: SMTP) -> None:
         try:
@@ -475,12 +480,13 @@ class SmtpTransport:
 
     async def _close(self, conn: _Connection) -> None:
         smtp = conn.smtp
-        if smtp.is_connected:
-            try:
+        try:
+            if smtp.is_connected:
                 await smtp.quit(timeout=min(self.timeout, _QUIT_TIMEOUT))
-            except (SMTPException, OSError):
-                pass
-        smtp.close()
+        except (SMTPException, OSError):
+            pass
+        finally:
+            smtp.close()
 
 
 async def _reset(smtp: SMTP) -> None:
