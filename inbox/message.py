@@ -1,8 +1,8 @@
-"""Outbound message model: validation of submitted fields and RFC 5322/2045 MIME building. Does no I/O.
+"""Outbound message model: validation of submitted fields and RFC 5322/2045 MIME building.
 
-Top-level header fields are encoded and folded here (RFC 2047 encoded-words, folding at 78) and
-handed to the `email` package pre-folded, so text that merely looks like an encoded-word stays
-literal and no line can exceed 998 octets. The MIME tree itself is built with `email`.
+Does no I/O. Top-level header fields are encoded and folded here (RFC 2047 encoded-words,
+folding at 78) and handed to the `email` package pre-folded, so text that merely looks like an
+encoded-word stays literal and no line can exceed 998 octets. The MIME tree is built by `email`.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def _unexpected(ch: str, path: list[str]) -> InvalidAddress:
 
 def _split_display(s: str, path: list[str]) -> tuple[str, str]:
     """`Name <addr-spec>` or a bare addr-spec -> (display name, addr-spec)."""
-    if not s.endswith(">"):
+    if not s.endswith(">") or "<" not in s:
         if "<" in s or ">" in s:
             raise InvalidAddress("angle brackets do not match", field=path)
         return "", s
@@ -388,22 +388,23 @@ def _fold(name: str, tokens: list[str]) -> _Prefolded:
     return _Prefolded(name, lines)
 
 
-def _encoded_words(text: str) -> list[str]:
-    """`text` as UTF-8 encoded-words of at most 75 characters, never splitting a character."""
+def _encoded_words(text: str, first: int = 75) -> list[str]:
+    """`text` as UTF-8 encoded-words (RFC 2047 §2: at most 75 characters each; the first at
+    most `first`, to fit after the field name), never splitting a character (§5)."""
     use_b = sum(ord(c) > 127 for c in text) * 10 > len(text)
     words: list[str] = []
-    chunk, size = "", 0
+    chunk, size, room = "", 0, max(first, 30) - 12  # 12 = len("=?utf-8?q?") + len("?=")
     for ch in text:
         raw = ch.encode()
-        cost = (len(raw) if use_b else
-                sum(1 if chr(b) in _Q_SAFE or b == 32 else 3 for b in raw))
-        limit = 45 if use_b else 63  # 75 - len("=?utf-8?q??=") = 63; 45 bytes = 60 base64
-        if chunk and size + cost > limit:
+        size_after = (-(-(len(chunk.encode()) + len(raw)) // 3) * 4 if use_b else
+                      size + sum(1 if chr(b) in _Q_SAFE or b == 32 else 3 for b in raw))
+        if chunk and size_after > room:
             words.append(chunk)
-            chunk, size = "", 0
-        chunk, size = chunk + ch, size + cost
-    if chunk or not words:
-        words.append(chunk)
+            chunk, size, room = "", 0, 75 - 12
+            size_after = (-(-len(raw) // 3) * 4 if use_b else
+                          sum(1 if chr(b) in _Q_SAFE or b == 32 else 3 for b in raw))
+        chunk, size = chunk + ch, size_after
+    words.append(chunk)
     if use_b:
         return [f"=?utf-8?b?{base64.b64encode(w.encode()).decode()}?=" for w in words]
     return ["=?utf-8?q?" + "".join(
@@ -411,16 +412,18 @@ def _encoded_words(text: str) -> list[str]:
     ) + "?=" for w in words]
 
 
-def _needs_encoding(text: str) -> bool:
+def _needs_encoding(text: str, longest: int = 66) -> bool:
+    """Non-ASCII, text an RFC 2047 decoder would take for an encoded-word, or a word (or run
+    of spaces) too long to fold at 78."""
     return (not text.isascii() or "=?" in text
-            or any(len(t) > 70 for t in re.findall(r"[^ \t]+|[ \t]+", text)))
+            or any(len(t) > longest for t in re.findall(r"[^ \t]+|[ \t]+", text)))
 
 
 def _unstructured(name: str, text: str) -> _Prefolded:
     if not text:
         return _Prefolded(name, [f"{name}: "])
     if _needs_encoding(text):
-        return _fold(name, _encoded_words(text))
+        return _fold(name, _encoded_words(text, FOLD_AT - len(name) - 2))
     return _fold(name, re.findall(r"[ \t]*[^ \t]+", text))
 
 
@@ -435,14 +438,13 @@ def _address_list(name: str, addrs: Sequence[Address]) -> _Prefolded:
     for addr in addrs:
         if tokens:
             tokens[-1] += ","
-        if not addr.display_name:
-            tokens.append(addr.addr_spec)
-            continue
-        if len(addr.display_name) > 64 or _needs_encoding(addr.display_name):
-            tokens.extend(_encoded_words(addr.display_name))  # RFC 2047 §5(3): in a phrase
-        else:
-            tokens.append(_quote_phrase(addr.display_name))
-        tokens.append(f"<{addr.addr_spec}>")
+        display = addr.display_name
+        if len(display) > 200 or not display.isascii() or "=?" in display:
+            first = FOLD_AT - len(name) - 2 if not tokens else 75
+            tokens.extend(_encoded_words(display, first))  # RFC 2047 §5(3): a whole phrase
+        elif display:
+            tokens.append(_quote_phrase(display))  # one token, at most ~400 characters
+        tokens.append(f"<{addr.addr_spec}>" if display else addr.addr_spec)
     return _fold(name, tokens)
 
 

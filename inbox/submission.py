@@ -173,7 +173,7 @@ async def submit(db: Database, principal: Principal, msg: OutboundMessage, opts:
         "status": "SUPPRESSED" if "QUEUED" not in statuses else "QUEUED",
         "created_at": now, "updated_at": now, "tags": opts.tags,
         "metadata": opts.metadata, "source": opts.source, "size": len(raw),
-        "smtputf8": validated.smtputf8, "idempotency_key": opts.idempotency_key,
+        "smtputf8": sender.smtputf8 or any(a.smtputf8 for a in recipients), "idempotency_key": opts.idempotency_key,
     }
     sent_count = statuses.count("QUEUED")
     hash_ = _payload_hash(msg, opts) if opts.idempotency_key else None

@@ -18,7 +18,7 @@ _CLAIMABLE = ("(status = 'queued' AND due <= $now)"
               " OR (status = 'processing' AND lease_until < $now)")
 
 _LEASE = f"""
-UPDATE (SELECT VALUE id FROM job WHERE {_CLAIMABLE} ORDER BY due LIMIT $limit)
+UPDATE (SELECT id, due FROM job WHERE {_CLAIMABLE} ORDER BY due LIMIT $limit).id
   SET status = 'processing', owner = $owner, lease_until = $until,
       attempts = attempts + 1, last_attempt_at = $now
   WHERE {_CLAIMABLE}

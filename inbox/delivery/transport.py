@@ -214,8 +214,13 @@ def _describe(exc: BaseException) -> str:
 
 
 class _Endpoint(NamedTuple):
-    host: str
+    host: str  # what we connect to: an IP address or a name
     port: int
+    name: str = ""  # the MX host name, for TLS (SNI, certificate checks); defaults to host
+
+    @property
+    def tls_name(self) -> str:
+        return self.name or self.host
 
 
 class _HostFailed(Exception):
@@ -307,7 +312,9 @@ class SmtpTransport:
                 endpoints.append(_Endpoint(host.rstrip("."), self.port))
             else:
                 port = getattr(host, "port", None)
-                endpoints.append(_Endpoint(host.host.rstrip("."), port or self.port))
+                name = getattr(host, "name", "") or ""
+                endpoints.append(_Endpoint(host.host.rstrip("."), port or self.port,
+                                           name.rstrip(".")))
         return endpoints
 
     async def _connect(self, endpoint: _Endpoint) -> _Connection:
@@ -369,9 +376,9 @@ class SmtpTransport:
             if required:
                 raise _HostFailed("relay does not offer STARTTLS")
             return NO_TLS
-        context = await self._tls_context(endpoint.host, verify=required)
+        context = await self._tls_context(endpoint.tls_name, verify=required)
         try:
-            await smtp.starttls(server_hostname=endpoint.host, tls_context=context)
+            await smtp.starttls(server_hostname=endpoint.tls_name, tls_context=context)
         except SMTPResponseException as exc:
             # RFC 3207 §4: e.g. 454 TLS not available; the plaintext session goes on.
             if required or exc.code == 421 or not smtp.is_connected:

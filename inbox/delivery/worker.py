@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -29,6 +30,14 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer("inbox.delivery")
 
 CLEANUP_EVERY_SECS = 300.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """One address to connect to; `name` is the MX host name (TLS, logs)."""
+
+    host: str
+    name: str
 
 
 def worker_name() -> str:
@@ -153,10 +162,10 @@ class DeliveryWorker:
         except Exception as exc:  # noqa: BLE001 - our own failure: defer, never suppress
             log.exception("DKIM signing failed for %s", job["id"])
             return _synthetic(addresses, 451, "4.3.0", f"local error: DKIM signing failed: {exc}")
-        hosts: list[Any] = []
+        hosts: list[Target] = []
         if self.transport.relay is None:
             try:
-                hosts = await mx_hosts(self.resolver, job["rcpt_domain"])
+                hosts = await self._targets(job["rcpt_domain"])
             except NullMx as exc:
                 return _synthetic(addresses, 556, "5.1.10", exc.message)
             except DnsNotFound as exc:
@@ -165,6 +174,25 @@ class DeliveryWorker:
                 return _synthetic(addresses, 451, "4.4.3", f"DNS: {exc.message}")
         return await self.transport.deliver(hosts, message["envelope_from"], addresses, signed,
                                             smtputf8=bool(message.get("smtputf8")))
+
+    async def _targets(self, domain: str) -> list[Target]:
+        """MX hosts in order, each resolved to its addresses through our resolver."""
+        targets: list[Target] = []
+        temporary: DnsTemporary | None = None
+        for mx in await mx_hosts(self.resolver, domain):
+            try:
+                ips = await self.resolver.ips(mx.host)
+            except DnsNotFound:
+                continue  # RFC 5321 §5.1: an MX without addresses is skipped
+            except DnsTemporary as exc:
+                temporary = exc
+                continue
+            targets.extend(Target(ip, mx.host) for ip in ips)
+        if not targets:
+            if temporary is not None:
+                raise temporary
+            raise DnsTemporary(f"no MX host of {domain} has an address")
+        return targets
 
     def _decide(self, job: dict[str, Any], rcpts: list[dict[str, Any]],
                 result: AttemptResult) -> JobOutcome:

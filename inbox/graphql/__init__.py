@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi import Request
+
+from inbox.graphql.context import Context
 from inbox.graphql.schema import build_schema
 
 
+async def get_context(request: Request) -> Context:
+    return Context(request.app.state.services)
+
+
 def graphql_router() -> Any:
-    from fastapi import Request
     from strawberry.fastapi import GraphQLRouter
-
-    from inbox.graphql.context import Context
-
-    async def get_context(request: Request) -> Context:
-        return Context(request.app.state.services)
 
     return GraphQLRouter(build_schema(), context_getter=get_context)
 

@@ -6,7 +6,7 @@ import base64
 import binascii
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import strawberry
 from graphql import GraphQLError
@@ -158,7 +158,7 @@ class Query:
 class Mutation:
     @strawberry.mutation
     async def send_email(
-        self, info: strawberry.Info, from_: str = strawberry.argument(name="from"),
+        self, info: strawberry.Info, from_: Annotated[str, strawberry.argument(name="from")],
         to: list[str] | None = None, cc: list[str] | None = None,
         bcc: list[str] | None = None, reply_to: list[str] | None = None, subject: str = "",
         text_body: str | None = None, html_body: str | None = None,
@@ -301,8 +301,12 @@ class ErrorCodes(SchemaExtension):
 
 
 def build_schema() -> strawberry.Schema:
+    # The caches are shared by every request (ENGINE-NOTES: ~3x throughput), so the factories
+    # hand out one instance each; a fresh instance per request would cache nothing.
+    parser_cache = ParserCache(maxsize=256)
+    validation_cache = ValidationCache(maxsize=256)
     return strawberry.Schema(
         query=Query, mutation=Mutation,
-        extensions=[ParserCache(maxsize=256), ValidationCache(maxsize=256),
-                    MaskErrors(should_mask_error=_should_mask), ErrorCodes],
+        extensions=[lambda: parser_cache, lambda: validation_cache,
+                    lambda: MaskErrors(should_mask_error=_should_mask), ErrorCodes],
     )
