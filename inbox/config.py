@@ -79,6 +79,13 @@ class Settings(BaseSettings):
     OTEL_SERVICE_NAME: str = "inbox"
     OTEL_TRACES_EXPORTER: str = "none"
 
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings,  # type: ignore[no-untyped-def, override]
+                                   dotenv_settings, file_secret_settings):
+        # load_settings() reads the environment itself, so an explicit env dict is the
+        # whole truth (tests, embedding) and nothing leaks in from os.environ.
+        return (init_settings,)
+
     @field_validator("INBOX_DNS_NAMESERVERS", "SMTP_DKIM_HEADERS", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:

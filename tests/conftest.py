@@ -177,4 +177,3 @@ async def wait_status(api: Api, key: str, message_id: str, statuses: set[str],
         await asyncio.sleep(0.05)
 
 
-os.environ.setdefault("INBOX_LOG_LEVEL", "WARNING")
