@@ -1,0 +1,263 @@
+"""Sending rules over the real stack: idempotency, quotas, suppressions, retries, MX choice."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tests.conftest import (
+    MESSAGE,
+    SEND,
+    Stack,
+    make_settings,
+    make_tenant,
+    route_to_sink,
+    run_stack,
+    wait_status,
+)
+
+SET_QUOTAS = """
+mutation Q($d: String!, $max: Int, $hourly: Int, $daily: Int, $queued: Int) {
+  setDomainQuotas(domain: $d, maxRecipientsPerMessage: $max, hourlySendLimit: $hourly,
+                  dailySendLimit: $daily, maxQueuedJobs: $queued) {
+    domain { quotas { hourlySendLimit } } errors { code message }
+  }
+}
+"""
+ADD_SUPP = """
+mutation A($scope: SuppressionScope!, $value: String!) {
+  addSuppression(scope: $scope, value: $value, reason: "asked") {
+    suppression { scope value source } errors { code field message }
+  }
+}
+"""
+SUPPS = "{ suppressions(first: 50) { edges { node { scope value source reason } } } }"
+
+
+def send_vars(tenant: Any, to: list[str], **extra: Any) -> dict[str, Any]:
+    return {"from": f"hello@{tenant.domain}", "to": to, "subject": "s", "text": "t", **extra}
+
+
+async def _send(stack: Stack, tenant: Any, to: list[str], **extra: Any) -> dict[str, Any]:
+    result = await stack.api(SEND, send_vars(tenant, to, **extra), key=tenant.key)
+    return result["data"]["sendEmail"]
+
+
+async def test_idempotent_repeat_returns_first_message(stack: Stack, smtp_sink: Any) -> None:
+    tenant = await make_tenant(stack.services, stack.dns)
+    route_to_sink(stack.dns, "dest.test")
+    first = await _send(stack, tenant, ["a@dest.test"], key="order-1")
+    again = await _send(stack, tenant, ["a@dest.test"], key="order-1")
+    assert first["errors"] == again["errors"] == []
+    assert first["message"]["id"] == again["message"]["id"]
+    await wait_status(stack.api, tenant.key, first["message"]["id"], {"DELIVERED"})
+    await asyncio.sleep(0.3)
+    assert len(smtp_sink.messages) == 1
+    conflict = await _send(stack, tenant, ["b@dest.test"], key="order-1")
+    assert conflict["message"] is None
+    assert conflict["errors"][0]["code"] == "IDEMPOTENCY_CONFLICT"
+    assert conflict["errors"][0]["field"] == ["idempotencyKey"]
+
+
+async def test_idempotency_concurrent_calls_make_one_message(stack: Stack, smtp_sink: Any
+                                                             ) -> None:
+    tenant = await make_tenant(stack.services, stack.dns)
+    route_to_sink(stack.dns, "dest.test")
+    results = await asyncio.gather(*(_send(stack, tenant, ["a@dest.test"], key="same")
+                                     for _ in range(10)))
+    ids = {r["message"]["id"] for r in results}
+    assert len(ids) == 1
+    rows = await stack.services.db.one("SELECT count() AS n FROM message GROUP ALL")
+    assert rows[0]["n"] == 1
+
+
+async def test_idempotency_keys_are_per_organization(stack: Stack, smtp_sink: Any) -> None:
+    a = await make_tenant(stack.services, stack.dns, "a.test", name="A")
+    b = await make_tenant(stack.services, stack.dns, "b.test", name="B")
+    route_to_sink(stack.dns, "dest.test")
+    ma = await _send(stack, a, ["x@dest.test"], key="k")
+    mb = await _send(stack, b, ["x@dest.test"], key="k")
+    assert ma["errors"] == mb["errors"] == []
+    assert ma["message"]["id"] != mb["message"]["id"]
+
+
+async def test_max_recipients_per_message(stack: Stack, smtp_sink: Any) -> None:
+    tenant = await make_tenant(stack.services, stack.dns)
+    r = await stack.api(SET_QUOTAS, {"d": tenant.domain, "max": 2}, key=tenant.key)
+    assert r["data"]["setDomainQuotas"]["errors"] == []
+    payload = await _send(stack, tenant, ["a@dest.test", "b@dest.test", "c@dest.test"])
+    err = payload["errors"][0]
+    assert err["code"] == "QUOTA_EXCEEDED" and err["limit"] == "max_recipients_per_message"
+
+
+async def test_hourly_quota_race_lets_exactly_the_limit_through(stack: Stack, smtp_sink: Any
+                                                                ) -> None:
+    tenant = await make_tenant(stack.services, stack.dns)
+    route_to_sink(stack.dns, "dest.test")
+    await stack.api(SET_QUOTAS, {"d": tenant.domain, "hourly": 5}, key=tenant.key)
+    results = await asyncio.gather(*(_send(stack, tenant, [f"u{i}@dest.test"])
+                                     for i in range(12)))
+    ok = [r for r in results if not r["errors"]]
+    refused = [r["errors"][0] for r in results if r["errors"]]
+    assert len(ok) == 5 and len(refused) == 7
+    assert all(e["code"] == "QUOTA_EXCEEDED" and e["limit"] == "hourly_send_limit"
+               and e["resetsAt"] for e in refused)
+    assert "resets at" in refused[0]["message"]
+
+
+async def test_daily_and_queued_quota(stack: Stack, smtp_sink: Any) -> None:
+    tenant = await make_tenant(stack.services, stack.dns)
+    route_to_sink(stack.dns, "dest.test")
+    await stack.api(SET_QUOTAS, {"d": tenant.domain, "daily": 2}, key=tenant.key)
+    assert (await _send(stack, tenant, ["a@dest.test", "b@dest.test"]))["errors"] == []
+    err = (await _send(stack, tenant, ["c@dest.test"]))["errors"][0]
+    assert err["limit"] == "daily_send_limit"
+
+
+async def test_manual_suppressions_skip_recipients(stack: Stack, smtp_sink: Any) -> None:
+    tenant = await make_tenant(stack.services, stack.dns)
+    route_to_sink(stack.dns, "dest.test")
+    route_to_sink(stack.dns, "blocked.test")
+    r = await stack.api(ADD_SUPP, {"scope": "ADDRESS", "value": "Gone@Dest.test"},
+                        key=tenant.key)
+    assert r["data"]["addSuppression"]["suppression"]["value"] == "Gone@dest.test".lower() or \
+        r["data"]["addSuppression"]["suppression"]["value"] == "gone@dest.test"
+    await stack.api(ADD_SUPP, {"scope": "DOMAIN", "value": "blocked.test"}, key=tenant.key)
+    payload = await _send(stack, tenant, ["gone@dest.test", "ok@dest.test", "x@blocked.test"])
+    assert payload["errors"] == []
+    msg = await wait_status(stack.api, tenant.key, payload["message"]["id"], {"DELIVERED"})
+    statuses = {r["address"]: r["status"] for r in msg["recipients"]}
+    assert statuses == {"gone@dest.test": "SUPPRESSED", "ok@dest.test": "DELIVERED",
+                        "x@blocked.test": "SUPPRESSED"}
+    assert [e["recipient"] for e in msg["events"] if e["type"] == "SUPPRESSED"]
+    await smtp_sink.wait_for(1)
+    assert [m.rcpt_tos for m in smtp_sink.messages] == [["ok@dest.test"]]
+    removed = await stack.api(
+        'mutation { removeSuppression(scope: ADDRESS, value: "gone@dest.test") '
+        '{ removed errors { code } } }', key=tenant.key)
+    assert removed["data"]["removeSuppression"]["removed"] is True
+    listing = await stack.api(SUPPS, key=tenant.key)
+    assert [e["node"]["value"] for e in listing["data"]["suppressions"]["edges"]] == [
+        "blocked.test"]
+
+
+async def test_hard_bounce_suppresses_address(stack: Stack, smtp_sink: Any) -> None:
+    tenant = await make_tenant(stack.services, stack.dns)
+    route_to_sink(stack.dns, "dest.test")
+    smtp_sink.rcpt_replies["nobody@dest.test"] = "550 5.1.1 No such user"
+    payload = await _send(stack, tenant, ["nobody@dest.test", "ok@dest.test"])
+    msg = await wait_status(stack.api, tenant.key, payload["message"]["id"],
+                            {"PARTIALLY_DELIVERED"})
+    statuses = {r["address"]: (r["status"], r["lastResponse"]) for r in msg["recipients"]}
+    assert statuses["nobody@dest.test"][0] == "BOUNCED"
+    assert statuses["nobody@dest.test"][1].startswith("550 5.1.1")
+    assert statuses["ok@dest.test"][0] == "DELIVERED"
+    listing = await stack.api(SUPPS, key=tenant.key)
+    nodes = [e["node"] for e in listing["data"]["suppressions"]["edges"]]
+    assert nodes == [{"scope": "ADDRESS", "value": "nobody@dest.test", "source": "bounce",
+                      "reason": statuses["nobody@dest.test"][1]}]
+    again = await _send(stack, tenant, ["nobody@dest.test"])
+    assert again["message"]["status"] == "SUPPRESSED"
+
+
+async def test_policy_rejection_does_not_suppress(stack: Stack, smtp_sink: Any) -> None:
+    tenant = await make_tenant(stack.services, stack.dns)
+    route_to_sink(stack.dns, "dest.test")
+    smtp_sink.rcpt_replies["spamtrap@dest.test"] = "550 5.7.1 Message rejected as spam"
+    payload = await _send(stack, tenant, ["spamtrap@dest.test"])
+    await wait_status(stack.api, tenant.key, payload["message"]["id"], {"FAILED"})
+    listing = await stack.api(SUPPS, key=tenant.key)
+    assert listing["data"]["suppressions"]["edges"] == []
+
+
+async def test_temporary_failure_then_success(stack: Stack, smtp_sink: Any) -> None:
+    tenant = await make_tenant(stack.services, stack.dns)
+    route_to_sink(stack.dns, "dest.test")
+    smtp_sink.fail_next_data = 1
+    payload = await _send(stack, tenant, ["a@dest.test"])
+    msg = await wait_status(stack.api, tenant.key, payload["message"]["id"], {"DELIVERED"})
+    rcpt = msg["recipients"][0]
+    assert rcpt["attempts"] == 2 and rcpt["lastResponse"].startswith("250")
+    types = [e["type"] for e in msg["events"] if e["recipient"]]
+    assert types == ["DEFERRED", "DELIVERED"]
+
+
+async def test_accepted_recipients_are_not_resent(stack: Stack, smtp_sink: Any) -> None:
+    tenant = await make_tenant(stack.services, stack.dns)
+    route_to_sink(stack.dns, "dest.test")
+    smtp_sink.rcpt_replies["later@dest.test"] = "451 4.2.1 try later"
+    payload = await _send(stack, tenant, ["now@dest.test", "later@dest.test"])
+    await smtp_sink.wait_for(1)
+    await asyncio.sleep(0.3)
+    del smtp_sink.rcpt_replies["later@dest.test"]
+    await wait_status(stack.api, tenant.key, payload["message"]["id"], {"DELIVERED"})
+    await smtp_sink.wait_for(2)
+    assert [m.rcpt_tos for m in smtp_sink.messages] == [["now@dest.test"], ["later@dest.test"]]
+
+
+async def test_null_mx_bounces_and_suppresses_domain(stack: Stack, smtp_sink: Any) -> None:
+    tenant = await make_tenant(stack.services, stack.dns)
+    stack.dns.add("nomail.test", "MX", "0 .")
+    payload = await _send(stack, tenant, ["a@nomail.test"])
+    msg = await wait_status(stack.api, tenant.key, payload["message"]["id"], {"FAILED"})
+    assert msg["recipients"][0]["status"] == "BOUNCED"
+    assert "5.1.10" in msg["recipients"][0]["lastResponse"]
+    listing = await stack.api(SUPPS, key=tenant.key)
+    assert [(e["node"]["scope"], e["node"]["value"])
+            for e in listing["data"]["suppressions"]["edges"]] == [("DOMAIN", "nomail.test")]
+
+
+async def test_second_mx_used_when_first_refuses(stack: Stack, smtp_sink: Any) -> None:
+    tenant = await make_tenant(stack.services, stack.dns)
+    # 127.0.0.2 is loopback too, but nothing listens there: the connection is refused.
+    stack.dns.add("dest.test", "MX", "10 mx1.dest.test.")
+    stack.dns.add("dest.test", "MX", "20 mx2.dest.test.")
+    stack.dns.add("mx1.dest.test", "A", "127.0.0.2")
+    stack.dns.add("mx2.dest.test", "A", "127.0.0.1")
+    payload = await _send(stack, tenant, ["a@dest.test"])
+    msg = await wait_status(stack.api, tenant.key, payload["message"]["id"], {"DELIVERED"})
+    assert msg["recipients"][0]["attempts"] == 1
+
+
+async def test_ttl_expiry(tmp_path: Any, dns_server: Any, smtp_sink: Any) -> None:
+    settings = make_settings(tmp_path, dns_server, SMTP_OUTBOUND_PORT=smtp_sink.port,
+                             SMTP_OUTBOUND_TTL_SECS=1, INBOX_DB_SYNC="false")
+    smtp_sink.data_reply = "451 4.3.0 try again later"
+    async with run_stack(settings, dns_server) as stack:
+        tenant = await make_tenant(stack.services, dns_server)
+        route_to_sink(dns_server, "dest.test")
+        payload = await _send(stack, tenant, ["a@dest.test"])
+        msg = await wait_status(stack.api, tenant.key, payload["message"]["id"], {"FAILED"})
+        rcpt = msg["recipients"][0]
+        assert rcpt["status"] == "EXPIRED" and rcpt["lastResponse"].startswith("451")
+        assert rcpt["attempts"] >= 2
+
+
+async def test_max_attempts_expiry(tmp_path: Any, dns_server: Any, smtp_sink: Any) -> None:
+    settings = make_settings(tmp_path, dns_server, SMTP_OUTBOUND_PORT=smtp_sink.port,
+                             SMTP_OUTBOUND_MAX_ATTEMPTS=3, INBOX_DB_SYNC="false")
+    smtp_sink.data_reply = "452 4.2.2 mailbox full"
+    async with run_stack(settings, dns_server) as stack:
+        tenant = await make_tenant(stack.services, dns_server)
+        route_to_sink(dns_server, "dest.test")
+        payload = await _send(stack, tenant, ["a@dest.test"])
+        msg = await wait_status(stack.api, tenant.key, payload["message"]["id"], {"FAILED"})
+        assert msg["recipients"][0]["attempts"] == 3
+        assert msg["recipients"][0]["status"] == "EXPIRED"
+        jobs = await stack.services.db.one("SELECT status FROM job")
+        assert [j["status"] for j in jobs] == ["dead"]
+
+
+async def test_message_query_shape(stack: Stack, smtp_sink: Any) -> None:
+    tenant = await make_tenant(stack.services, stack.dns)
+    route_to_sink(stack.dns, "dest.test")
+    payload = await _send(stack, tenant, ["a@dest.test"])
+    msg = await wait_status(stack.api, tenant.key, payload["message"]["id"], {"DELIVERED"})
+    data = await stack.api(MESSAGE, {"id": msg["id"]}, key=tenant.key)
+    assert data["data"]["message"]["from"] == f"hello@{tenant.domain}"
+    listing = await stack.api(
+        "query($s: MessageStatus) { messages(first: 1, status: $s) { edges { cursor node { id } }"
+        " pageInfo { hasNextPage endCursor } } }", {"s": "DELIVERED"}, key=tenant.key)
+    conn = listing["data"]["messages"]
+    assert [e["node"]["id"] for e in conn["edges"]] == [msg["id"]]
+    assert conn["pageInfo"]["hasNextPage"] is False
