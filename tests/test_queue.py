@@ -1,0 +1,106 @@
+"""The queue on the real engine: leases are exclusive, expire and are taken over, are released
+on shutdown; many workers deliver many jobs exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import timedelta
+from typing import Any
+
+from inbox.app import build_services
+from inbox.delivery.queue import backoff
+from inbox.message import OutboundMessage
+from inbox.submission import SubmitOptions, submit
+from inbox.tenancy import Principal
+from tests.conftest import make_settings, make_tenant, route_to_sink
+
+
+async def _services(tmp_path: Any, dns: Any, **kw: Any) -> Any:
+    settings = make_settings(tmp_path, dns, INBOX_DB_SYNC="false",
+                             INBOX_QUOTA_HOURLY_SEND_LIMIT=100000,
+                             INBOX_QUOTA_DAILY_SEND_LIMIT=100000, **kw)
+    return await build_services(settings)
+
+
+async def _submit_many(services: Any, tenant: Any, n: int) -> list[str]:
+    principal = Principal(tenant.org, "key_test", frozenset({"send"}))
+    ids = []
+    for i in range(n):
+        msg = OutboundMessage(from_=f"a@{tenant.domain}", to=[f"u{i}@dest.test"],
+                              subject=f"n{i}", text_body="x")
+        ids.append(await submit(services.db, principal, msg, SubmitOptions(),
+                                settings=services.settings, now=services.clock()))
+    return ids
+
+
+async def test_leases_are_exclusive_and_expire(tmp_path: Any, dns_server: Any) -> None:
+    services = await _services(tmp_path, dns_server)
+    try:
+        tenant = await make_tenant(services, dns_server)
+        await _submit_many(services, tenant, 5)
+        now = services.clock()
+        first = await services.queue.lease("w1", 10, 30, now)
+        second = await services.queue.lease("w2", 10, 30, now)
+        assert len(first) == 5 and second == []
+        # w1 "crashes": once its leases expire, w2 takes the jobs over.
+        later = now + timedelta(seconds=31)
+        taken = await services.queue.lease("w2", 10, 30, later)
+        assert sorted(j["id"] for j in taken) == sorted(j["id"] for j in first)
+        assert all(j["owner"] == "w2" and j["attempts"] == 2 for j in taken)
+        # Shutdown releases: the jobs are due again for anyone.
+        assert await services.queue.release("w2") == 5
+        again = await services.queue.lease("w3", 10, 30, later)
+        assert len(again) == 5 and all(j["attempts"] == 2 for j in again)
+    finally:
+        await services.db.close()
+
+
+async def test_concurrent_leasing_never_double_claims(tmp_path: Any, dns_server: Any) -> None:
+    services = await _services(tmp_path, dns_server)
+    try:
+        tenant = await make_tenant(services, dns_server)
+        await _submit_many(services, tenant, 60)
+        now = services.clock()
+        batches = await asyncio.gather(*(services.queue.lease(f"w{i}", 7, 30, now)
+                                         for i in range(12)))
+        claimed = [j["id"] for batch in batches for j in batch]
+        assert len(claimed) == 60 and len(set(claimed)) == 60
+    finally:
+        await services.db.close()
+
+
+async def test_many_workers_deliver_each_job_once(tmp_path: Any, dns_server: Any,
+                                                  smtp_sink: Any) -> None:
+    services = await _services(tmp_path, dns_server, SMTP_OUTBOUND_PORT=smtp_sink.port,
+                               SMTP_OUTBOUND_QUEUE_BATCH_SIZE=5, SMTP_OUTBOUND_CONCURRENCY=4)
+    try:
+        tenant = await make_tenant(services, dns_server)
+        route_to_sink(dns_server, "dest.test")
+        n = 120
+        await _submit_many(services, tenant, n)
+        stop = asyncio.Event()
+        workers = [asyncio.create_task(services.worker(f"w{i}").run(stop)) for i in range(6)]
+        try:
+            await smtp_sink.wait_for(n, timeout=60)
+            await asyncio.sleep(0.5)
+        finally:
+            stop.set()
+            await asyncio.gather(*workers)
+        counts = Counter(r for m in smtp_sink.messages for r in m.rcpt_tos)
+        assert len(counts) == n and set(counts.values()) == {1}
+        statuses = await services.db.one("SELECT VALUE status FROM message")
+        assert set(statuses) == {"DELIVERED"}
+        owners = await services.db.one("SELECT VALUE owner FROM job WHERE owner != NONE")
+        assert owners == []
+    finally:
+        await services.db.close()
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    import random
+
+    rng = random.Random(1)
+    delays = [backoff(a, 10, 100, rng) for a in range(1, 8)]
+    assert 5 <= delays[0] <= 10 and 10 <= delays[1] <= 20 and 20 <= delays[2] <= 40
+    assert all(50 <= d <= 100 for d in delays[4:])
