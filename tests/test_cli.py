@@ -1,0 +1,118 @@
+"""The CLI as an operator runs it: `python -m inbox …` in a subprocess on a temporary data dir.
+
+INBOX_MASTER_KEY is unset throughout, so these tests also cover the development key that the
+first command generates (with a warning) and later commands reuse.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import signal
+import stat
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.procs import Service, inbox_env, run_cli, run_cli_json
+
+MASTER_KEY_WARNING = "INBOX_MASTER_KEY is not set"
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return inbox_env(tmp_path / "data", INBOX_LOG_LEVEL="INFO")
+
+
+def test_tenant_setup_prints_json_and_generates_a_dev_master_key(
+        env: dict[str, str], tmp_path: Path) -> None:
+    key_file = tmp_path / "data" / "master.key"
+    created = run_cli(env, "org", "create", "Acme Corp", "--json", cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    org = json.loads(created.stdout)
+    assert set(org) == {"id", "name"} and org["name"] == "Acme Corp"
+    assert org["id"].startswith("org_")
+    # The development key: generated once with a warning naming the variable, owner-only.
+    assert MASTER_KEY_WARNING in created.stderr and str(key_file) in created.stderr
+    assert "Traceback" not in created.stderr
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    first_key = key_file.read_text()
+    assert len(base64.b64decode(first_key.strip())) == 32
+
+    domain = run_cli(env, "domain", "add", org["id"], "example.test", "--verified", "--json",
+                     cwd=tmp_path)
+    assert domain.returncode == 0, domain.stderr
+    assert MASTER_KEY_WARNING not in domain.stderr  # reused, not generated again
+    assert key_file.read_text() == first_key
+    added = json.loads(domain.stdout)
+    assert set(added) == {"domain", "verified", "records"}
+    assert added["domain"] == "example.test" and added["verified"] is True
+    records = added["records"]
+    assert all(set(r) == {"type", "name", "value"} and r["type"] == "TXT" for r in records)
+    kinds = {}
+    for record in records:
+        assert re.fullmatch(r"[a-z0-9]+\._domainkey\.example\.test", record["name"]), record
+        tags = dict(part.strip().split("=", 1) for part in record["value"].split(";"))
+        assert tags["v"] == "DKIM1" and base64.b64decode(tags["p"], validate=True)
+        kinds[tags["k"]] = record["name"]
+    assert sorted(kinds) == ["ed25519", "rsa"] and len(set(kinds.values())) == 2
+
+    key = run_cli_json(env, "apikey", "create", org["id"], "--scope", "send", "--json")
+    assert key["key"].startswith("ibx_") and key["scopes"] == ["send"]
+
+
+@pytest.mark.xfail(strict=True, reason="product bug: the top-level --json is reset by the "
+                   "subcommand's own --json default (inbox/__main__.py parser())")
+def test_global_json_flag_before_the_command(env: dict[str, str], tmp_path: Path) -> None:
+    done = run_cli(env, "--json", "org", "create", "Acme", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("{"), done.stdout
+
+
+@pytest.mark.parametrize("args", [
+    ("domain", "add", "org_doesnotexist", "example.test", "--verified"),
+    ("apikey", "create", "org_doesnotexist", "--scope", "send"),
+], ids=["domain-add", "apikey-create"])
+def test_unknown_organization_is_a_clear_error(env: dict[str, str], tmp_path: Path,
+                                               args: tuple[str, ...]) -> None:
+    done = run_cli(env, *args, cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("inbox: ")]
+    assert errors == ["inbox: organization org_doesnotexist not found"], done.stderr
+
+
+def test_bad_setting_exits_2_with_one_line(env: dict[str, str], tmp_path: Path) -> None:
+    done = run_cli({**env, "INBOX_HTTP_PORT": "abc"}, "org", "create", "Acme", cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "INBOX_HTTP_PORT" in lines[0] and "'abc'" in lines[0]
+    assert done.stdout == ""
+    assert not (tmp_path / "data").exists()  # nothing was opened or created
+
+
+def test_worker_refuses_a_data_dir_the_server_holds(env: dict[str, str],
+                                                    tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    with Service(env, tmp_path / "logs") as service:
+        done = run_cli(env, "worker", cwd=tmp_path)
+        assert done.returncode != 0
+        assert "Traceback" not in done.stderr
+        assert "INBOX_DATA_DIR" in done.stderr and str(data_dir) in done.stderr
+        assert "SurrealDB server" in done.stderr and "ws://" in done.stderr
+        assert f"pid {service.proc.pid}" in done.stderr  # type: ignore[union-attr]
+        # The server is unaffected and stops cleanly on SIGTERM.
+        assert httpx.get(f"{service.base_url}/healthz", timeout=5).status_code == 200
+        code = service.terminate()
+        # uvicorn shuts down gracefully, then re-raises the captured SIGTERM, so the status
+        # is "terminated by SIGTERM" (shell: 143), which supervisors treat as a clean stop.
+        assert code in (0, -signal.SIGTERM), service.stderr()
+        log = service.stderr()
+        assert "Traceback" not in log and " ERROR " not in log
+        assert "Application shutdown complete" in log and "Finished server process" in log
+    # Once it is gone the data dir is free again.
+    assert run_cli_json(env, "org", "create", "After", "--json")["name"] == "After"
