@@ -17,9 +17,9 @@ from inbox.delivery.transport import RelayConfig, SmtpTransport
 from inbox.delivery.worker import DeliveryWorker
 from inbox.resolver import Resolver
 from inbox.storage import Database
+from inbox.telemetry import setup_telemetry
 from inbox.tenancy.keys import SecretBox
 from inbox.tenancy.masterkey import load_master_box
-from inbox.telemetry import setup_telemetry
 
 log = logging.getLogger(__name__)
 

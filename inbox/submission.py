@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from inbox.delivery.suppressions import active_suppressions
+from inbox.delivery.suppressions import SUPPRESSED_SQL, suppression_ids
 from inbox.errors import (
     DomainNotVerified,
     Forbidden,
@@ -24,7 +24,7 @@ from inbox.errors import (
 )
 from inbox.message import OutboundMessage, build_mime, validate
 from inbox.storage import Database, DbThrow, new_id
-from inbox.tenancy import Principal, effective_quotas, get_domain, get_organization
+from inbox.tenancy import Principal, effective_quotas
 
 MAX_TAGS = 10
 MAX_METADATA_KEYS = 50
@@ -108,32 +108,40 @@ COMMIT TRANSACTION;
 
 
 async def submit(db: Database, principal: Principal, msg: OutboundMessage, opts: SubmitOptions,
-                 *, settings: Any, now: datetime | None = None) -> str:
-    """Store a message for delivery; returns the message id (the first one on a replay)."""
+                 *, settings: Any, now: datetime | None = None) -> dict[str, Any]:
+    """Store a message for delivery; returns its row (the first message's on a replay)."""
     now = now or datetime.now(UTC)
     principal.require("send")
     _check_options(opts)
     validated = validate(msg, max_bytes=settings.SMTP_MAX_MESSAGE_BYTES)
     sender = validated.from_
-    try:
-        domain_row = await get_domain(db, principal.org, sender.ascii_domain)
-    except NotFound:
+    recipients = validated.envelope_recipients
+    # One round trip for everything the checks need (the gateway serialises every call).
+    domain_rows, org_row, suppressed_rows = await db.run(
+        "SELECT * OMIT dkim_rsa_private, dkim_ed25519_private FROM has_domain"
+        " WHERE org = $org AND domain = $domain LIMIT 1;"
+        "SELECT * FROM ONLY type::thing('organization', $org);"
+        f"{SUPPRESSED_SQL};",
+        {"org": principal.org, "domain": sender.ascii_domain, "now": now,
+         "ids": suppression_ids(principal.org, recipients)})
+    if not domain_rows:
         raise Forbidden(f"{sender.ascii_domain} is not a domain of your organization",
-                        field=["from"]) from None
+                        field=["from"])
+    domain_row = domain_rows[0]
     if not domain_row["verified"]:
         raise DomainNotVerified(
             f"{sender.ascii_domain} is not verified yet: publish its DNS records and call "
             "verifyDomain", field=["from"])
-    org_row = await get_organization(db, principal.org)
+    if not org_row:
+        raise NotFound("your organization no longer exists")
     limits = effective_quotas(settings, org_row, domain_row)
-    recipients = validated.envelope_recipients
     if len(recipients) > limits["quota_max_recipients_per_message"]:
         raise QuotaExceeded(
             f"{len(recipients)} recipients exceed the limit of "
             f"{limits['quota_max_recipients_per_message']} per message",
             limit="max_recipients_per_message", field=["to"])
 
-    suppressed = await active_suppressions(db, principal.org, recipients, now)
+    suppressed = {r["target"]: r.get("reason") or "suppressed" for r in suppressed_rows or []}
     raw, message_id_header = build_mime(validated, sender.ascii_domain, now,
                                         max_bytes=settings.SMTP_MAX_MESSAGE_BYTES)
     message_id = new_id("msg")
@@ -173,7 +181,8 @@ async def submit(db: Database, principal: Principal, msg: OutboundMessage, opts:
         "status": "SUPPRESSED" if "QUEUED" not in statuses else "QUEUED",
         "created_at": now, "updated_at": now, "tags": opts.tags,
         "metadata": opts.metadata, "source": opts.source, "size": len(raw),
-        "smtputf8": sender.smtputf8 or any(a.smtputf8 for a in recipients), "idempotency_key": opts.idempotency_key,
+        "smtputf8": sender.smtputf8 or any(a.smtputf8 for a in recipients),
+        "idempotency_key": opts.idempotency_key,
     }
     sent_count = statuses.count("QUEUED")
     hash_ = _payload_hash(msg, opts) if opts.idempotency_key else None
@@ -194,7 +203,11 @@ async def submit(db: Database, principal: Principal, msg: OutboundMessage, opts:
         await db.run(_STORE, params)
     except DbThrow as exc:
         if exc.throw_code == "IDEMPOTENT_REPLAY":
-            return exc.detail
+            row = await db.one("SELECT * FROM ONLY type::thing('message', $id) WHERE org = $org",
+                               {"id": exc.detail, "org": principal.org})
+            if not row:
+                raise NotFound("the message of this idempotency key is gone") from None
+            return row
         if exc.throw_code == "IDEMPOTENCY_CONFLICT":
             raise IdempotencyConflict(
                 f"idempotency key already used with a different payload (message {exc.detail})",
@@ -207,4 +220,4 @@ async def submit(db: Database, principal: Principal, msg: OutboundMessage, opts:
             raise QuotaExceeded(f"{limit} of {sender.ascii_domain} reached{when}",
                                 limit=limit, resets_at=resets) from None
         raise
-    return message_id
+    return message

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_schema_file_matches_served_schema() -> None:
     served = build_schema().as_str().strip()
     on_disk = (ROOT / "schema.graphql").read_text().strip()
-    assert on_disk == served, "schema.graphql is stale: run `python -m inbox schema > schema.graphql`"
+    assert on_disk == served, "stale: run `python -m inbox schema > schema.graphql`"
 
 
 def test_env_example_lists_every_setting_with_a_comment() -> None:

@@ -29,8 +29,8 @@ async def _submit_many(services: Any, tenant: Any, n: int) -> list[str]:
     for i in range(n):
         msg = OutboundMessage(from_=f"a@{tenant.domain}", to=[f"u{i}@dest.test"],
                               subject=f"n{i}", text_body="x")
-        ids.append(await submit(services.db, principal, msg, SubmitOptions(),
-                                settings=services.settings, now=services.clock()))
+        ids.append((await submit(services.db, principal, msg, SubmitOptions(),
+                                settings=services.settings, now=services.clock()))["id"])
     return ids
 
 

@@ -150,7 +150,8 @@ class Queue:
         jobs_before = now - timedelta(seconds=dead_job_secs)
         records_before = now - timedelta(seconds=delivery_secs)
         results = await self.db.run(
-            """DELETE job WHERE status IN ['done', 'dead'] AND finished_at < $jobs_before RETURN BEFORE;
+            """DELETE job WHERE status IN ['done', 'dead'] AND finished_at < $jobs_before
+              RETURN BEFORE;
             LET $old = (SELECT VALUE meta::id(id) FROM message
                         WHERE updated_at < $records_before
                         AND status NOT IN ['QUEUED', 'DEFERRED', 'SENDING']);

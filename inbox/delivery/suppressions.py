@@ -81,17 +81,14 @@ def _row(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def active_suppressions(db: Database, org: str, recipients: Iterable[Any],
-                              now: datetime) -> dict[str, str]:
-    """Map of suppressed address or domain → reason, for the given recipients."""
+# Active suppressions among record ids from `suppression_ids` (direct lookups, no scan).
+SUPPRESSED_SQL = "SELECT target, reason FROM $ids WHERE expires_at = NONE OR expires_at > $now"
+
+
+def suppression_ids(org: str, recipients: Iterable[Any]) -> list[RecordID]:
+    """The suppression records that would block these recipients (address and domain)."""
     ids = []
     for addr in recipients:
         ids.append(RecordID("suppression", [org, "ADDRESS", addr.addr_spec.lower()]))
         ids.append(RecordID("suppression", [org, "DOMAIN", addr.ascii_domain]))
-    if not ids:
-        return {}
-    rows = await db.one(
-        "SELECT target, reason FROM $ids WHERE expires_at = NONE OR expires_at > $now",
-        {"ids": ids, "now": now},
-    )
-    return {r["target"]: r.get("reason") or "suppressed" for r in rows or []}
+    return ids

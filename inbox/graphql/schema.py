@@ -13,8 +13,9 @@ from graphql import GraphQLError
 from strawberry.extensions import MaskErrors, ParserCache, SchemaExtension, ValidationCache
 from strawberry.scalars import JSON
 
+from inbox import tenancy
 from inbox.delivery import suppressions as supp
-from inbox.errors import InboxError, NotFound, ValidationError
+from inbox.errors import InboxError, ValidationError
 from inbox.graphql.types import (
     ApiKey,
     ApiKeyPayload,
@@ -43,7 +44,6 @@ from inbox.graphql.types import (
 )
 from inbox.message import Attachment, OutboundMessage
 from inbox.submission import SubmitOptions, submit
-from inbox import tenancy
 
 T = TypeVar("T")
 MAX_PAGE = 100
@@ -180,12 +180,9 @@ class Mutation:
                 attachments=_attachments(attachments))
             opts = SubmitOptions(idempotency_key=idempotency_key, tags=list(tags or []),
                                  metadata=_metadata(metadata), source="graphql")
-            message_id = await submit(services.db, p, msg, opts, settings=services.settings,
-                                      now=services.clock())
+            row = await submit(services.db, p, msg, opts, settings=services.settings,
+                               now=services.clock())
             services.wakeup.set()
-            row = await _message_row(info, p.org, message_id)
-            if row is None:
-                raise NotFound("the stored message could not be read back")
             return SendEmailPayload(message=Message.of(row), errors=[])
 
         return await _payload(run, lambda e: SendEmailPayload(message=None, errors=e))

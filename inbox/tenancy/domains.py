@@ -26,7 +26,8 @@ def normalize_domain(name: str, field: str = "domain") -> str:
     try:
         ascii_name = idna.encode(text, uts46=True).decode("ascii")
     except idna.IDNAError as exc:
-        raise ValidationError(f"'{name}' is not a valid domain name: {exc}", field=[field]) from None
+        raise ValidationError(f"'{name}' is not a valid domain name: {exc}",
+                              field=[field]) from None
     labels = ascii_name.split(".")
     if len(labels) < 2 or len(ascii_name) > 253 or any(not lb or len(lb) > 63 for lb in labels):
         raise ValidationError(f"'{name}' is not a fully qualified domain name", field=[field])
