@@ -137,7 +137,7 @@ class Message:
                    from_=row["from"], to=row.get("to", []), cc=row.get("cc", []),
                    subject=row["subject"], status=MessageStatus(row["status"]),
                    created_at=row["created_at"], updated_at=row["updated_at"],
-                   tags=row.get("tags") or [], metadata=row.get("metadata") or {},
+                   tags=row.get("tags") or [], metadata=row.get("metadata") or {},  # type: ignore[arg-type]
                    size=row.get("size", 0))
 
 

@@ -113,7 +113,7 @@ class Database:
                 os.environ["SURREAL_SYNC_DATA"] = "true"
         try:
             conn = AsyncSurreal(self.url)
-            await conn.connect()
+            await conn.connect()  # type: ignore[call-arg]  # the URL was given above
             if self._username:
                 await conn.signin({"username": self._username, "password": self._password})
             await conn.use(self.namespace, self.database)

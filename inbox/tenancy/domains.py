@@ -66,7 +66,7 @@ async def add_domain(db: Database, box: SecretBox, org: str, name: str, now: dat
     keys = await asyncio.to_thread(generate_dkim_keys)
     sel_rsa, sel_ed = _selectors(now)
     aad = domain.encode()
-    content = {
+    content: dict[str, Any] = {
         "org": org,
         "domain": domain,
         "verified": verified,
