@@ -430,7 +430,7 @@ def start_profiler(pid: int, path: str, log_dir: Path) -> subprocess.Popen[Any] 
         log("--profile: py-spy not found (pip install py-spy); not profiling")
         return None
     cmd = [exe, "record", "--pid", str(pid), "--format", "raw", "--output", path,
-           "--rate", "200", "--nonblocking", "--native"]
+           "--rate", "100", "--nonblocking", "--threads", "--idle"]
     with open(log_dir / "py-spy.log", "wb") as out:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT)
@@ -515,13 +515,16 @@ def main() -> int:
             log(f"server log tail:\n{tail(server_log)}")
         return 2
     finally:
-        if profiler is not None and profiler.poll() is None:
-            profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-            try:
-                profiler.wait(30)
-            except subprocess.TimeoutExpired:
-                profiler.kill()
-            log(f"profile written to {args.profile}")
+        if profiler is not None:
+            if profiler.poll() is None:
+                profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+                try:
+                    profiler.wait(30)
+                except subprocess.TimeoutExpired:
+                    profiler.kill()
+                    profiler.wait(5)
+            log(f"py-spy exited with {profiler.returncode}: "
+                f"{tail(tmp / 'py-spy.log', 3) or 'no output'}; profile: {args.profile}")
         stop(server, "server")
         stop(sink, "sink", grace=5)
         if dns is not None:

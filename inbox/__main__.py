@@ -74,8 +74,6 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     from inbox.app import create_app
 
     app = create_app(settings, workers=not args.no_workers)
-    logging.getLogger("inbox").info("inbox listening on http://%s:%d/graphql",
-                                    settings.SERVER_BIND_ADDR, settings.INBOX_HTTP_PORT)
     uvicorn.run(app, host=settings.SERVER_BIND_ADDR, port=settings.INBOX_HTTP_PORT,
                 log_level=settings.INBOX_LOG_LEVEL.lower(), access_log=False)
 
@@ -126,7 +124,9 @@ def parser() -> argparse.ArgumentParser:
     kc.add_argument("--scope", action="append", choices=["send", "read", "admin"])
     kc.add_argument("--name")
     for sp in (oc, da, kc):
-        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        # SUPPRESS: `inbox --json org create` must not be reset by the subcommand's default.
+        sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable output")
     return p
 
 

@@ -63,8 +63,6 @@ def test_tenant_setup_prints_json_and_generates_a_dev_master_key(
     assert key["key"].startswith("ibx_") and key["scopes"] == ["send"]
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: the top-level --json is reset by the "
-                   "subcommand's own --json default (inbox/__main__.py parser())")
 def test_global_json_flag_before_the_command(env: dict[str, str], tmp_path: Path) -> None:
     done = run_cli(env, "--json", "org", "create", "Acme", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
