@@ -104,3 +104,37 @@ def test_backoff_grows_and_is_capped() -> None:
     delays = [backoff(a, 10, 100, rng) for a in range(1, 8)]
     assert 5 <= delays[0] <= 10 and 10 <= delays[1] <= 20 and 20 <= delays[2] <= 40
     assert all(50 <= d <= 100 for d in delays[4:])
+
+
+async def test_cleanup_removes_old_finished_work(tmp_path: Any, dns_server: Any,
+                                                 smtp_sink: Any) -> None:
+    services = await _services(tmp_path, dns_server, SMTP_OUTBOUND_PORT=smtp_sink.port)
+    try:
+        tenant = await make_tenant(services, dns_server)
+        route_to_sink(dns_server, "dest.test")
+        ids = await _submit_many(services, tenant, 3)
+        stop = asyncio.Event()
+        worker = asyncio.create_task(services.worker("w").run(stop))
+        await smtp_sink.wait_for(3, timeout=20)
+        for _ in range(100):
+            statuses = await services.db.one("SELECT VALUE status FROM message")
+            if set(statuses) == {"DELIVERED"}:
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        await worker
+        # A still-queued message must survive cleanup however old it is.
+        pending = await _submit_many(services, tenant, 1)
+        now = services.clock()
+        removed = await services.queue.cleanup(now + timedelta(days=1), 3600, 3600)
+        assert removed == 3
+        left = await services.db.one("SELECT VALUE meta::id(id) FROM message")
+        assert left == pending
+        assert await services.db.one(
+            "SELECT VALUE id FROM message_raw WHERE meta::id(id) IN $ids", {"ids": ids}) == []
+        assert await services.db.one(
+            "SELECT VALUE id FROM event WHERE message IN $ids", {"ids": ids}) == []
+        # Too recent: nothing more goes.
+        assert await services.queue.cleanup(now, 3600, 3600) == 0
+    finally:
+        await services.db.close()
