@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from opentelemetry import trace
+
 from inbox.delivery.suppressions import SUPPRESSED_SQL, suppression_ids
 from inbox.errors import (
     DomainNotVerified,
@@ -25,6 +27,8 @@ from inbox.errors import (
 from inbox.message import OutboundMessage, build_mime, validate
 from inbox.storage import Database, DbThrow, new_id
 from inbox.tenancy import Principal, effective_quotas
+
+tracer = trace.get_tracer("inbox.submission")
 
 MAX_TAGS = 10
 MAX_METADATA_KEYS = 50
@@ -110,7 +114,16 @@ COMMIT TRANSACTION;
 async def submit(db: Database, principal: Principal, msg: OutboundMessage, opts: SubmitOptions,
                  *, settings: Any, now: datetime | None = None) -> dict[str, Any]:
     """Store a message for delivery; returns its row (the first message's on a replay)."""
-    now = now or datetime.now(UTC)
+    with tracer.start_as_current_span("submission.submit") as span:
+        span.set_attribute("inbox.org", principal.org)
+        span.set_attribute("inbox.source", opts.source)
+        row = await _submit(db, principal, msg, opts, settings, now or datetime.now(UTC))
+        span.set_attribute("inbox.message", row["id"])
+        return row
+
+
+async def _submit(db: Database, principal: Principal, msg: OutboundMessage, opts: SubmitOptions,
+                  settings: Any, now: datetime) -> dict[str, Any]:
     principal.require("send")
     _check_options(opts)
     validated = validate(msg, max_bytes=settings.SMTP_MAX_MESSAGE_BYTES)
