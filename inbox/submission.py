@@ -97,15 +97,16 @@ IF $count > 0 {
             RETURN AFTER)[0].n;
   IF $max_queued != NONE AND $q > $max_queued { THROW 'QUOTA|max_queued_jobs' };
 };
-CREATE type::thing('message', $message.id) CONTENT $message;
-CREATE type::thing('message_raw', $message.id) SET org = $message.org, raw = $raw;
-INSERT INTO recipient $recipients;
-INSERT INTO job $jobs;
-INSERT INTO event $events;
+CREATE type::thing('message', $message.id) CONTENT $message RETURN NONE;
+CREATE type::thing('message_raw', $message.id) SET org = $message.org, raw = $raw
+  RETURN NONE;
+INSERT INTO recipient $recipients RETURN NONE;
+INSERT INTO job $jobs RETURN NONE;
+INSERT INTO event $events RETURN NONE;
 IF $idem_id != NONE {
   UPSERT type::thing('idempotency', $idem_id) CONTENT {
     org: $message.org, key: $idem_key, payload_hash: $hash, message: $message.id,
-    created_at: $now, expires_at: $idem_expires };
+    created_at: $now, expires_at: $idem_expires } RETURN NONE;
 };
 COMMIT TRANSACTION;
 """

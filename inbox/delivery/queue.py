@@ -17,8 +17,13 @@ from inbox.storage import Database, DbThrow, new_id
 _CLAIMABLE = ("(status = 'queued' AND due <= $now)"
               " OR (status = 'processing' AND lease_until < $now)")
 
+# Two index range scans (job_due, job_lease) rather than one OR, which would scan the table.
 _LEASE = f"""
-UPDATE (SELECT id, due FROM job WHERE {_CLAIMABLE} ORDER BY due LIMIT $limit).id
+LET $stale = (SELECT id, lease_until FROM job WHERE status = 'processing'
+              AND lease_until < $now LIMIT $limit).id;
+LET $due = (SELECT id, due FROM job WHERE status = 'queued' AND due <= $now
+            ORDER BY due LIMIT $limit).id;
+UPDATE array::slice(array::concat($stale, $due), 0, $limit)
   SET status = 'processing', owner = $owner, lease_until = $until,
       attempts = attempts + 1, last_attempt_at = $now
   WHERE {_CLAIMABLE}
@@ -34,23 +39,23 @@ IF $mine = NONE { THROW 'LEASE_LOST|' + $job };
 FOR $u IN $updates {
   UPDATE type::thing('recipient', $u.id) SET status = $u.status,
     attempts = attempts + 1, last_response = $u.response,
-    next_attempt_at = $u.next, updated_at = $now;
+    next_attempt_at = $u.next, updated_at = $now RETURN NONE;
 };
 FOR $s IN $suppressions {
-  UPSERT type::thing('suppression', $s.key) CONTENT $s.row;
+  UPSERT type::thing('suppression', $s.key) CONTENT $s.row RETURN NONE;
 };
-IF array::len($events) > 0 { INSERT INTO event $events };
+IF array::len($events) > 0 { INSERT INTO event $events RETURN NONE };
 IF $pending {
   UPDATE type::thing('job', $job) SET status = 'queued', due = $next,
-    owner = NONE, lease_until = NONE;
+    owner = NONE, lease_until = NONE RETURN NONE;
 } ELSE {
   UPDATE type::thing('job', $job) SET status = $final, owner = NONE,
-    lease_until = NONE, finished_at = $now;
-  UPSERT type::thing('quota_counter', [$domain, 'queued', 0]) SET n -= 1;
+    lease_until = NONE, finished_at = $now RETURN NONE;
+  UPSERT type::thing('quota_counter', [$domain, 'queued', 0]) SET n -= 1 RETURN NONE;
 };
 LET $statuses = (SELECT VALUE status FROM recipient WHERE message = $message);
 UPDATE type::thing('message', $message) SET status = fn::message_status($statuses),
-  updated_at = $now;
+  updated_at = $now RETURN NONE;
 COMMIT TRANSACTION;
 """
 
