@@ -18,6 +18,7 @@ from inbox.delivery.worker import DeliveryWorker
 from inbox.resolver import Resolver
 from inbox.storage import Database
 from inbox.telemetry import setup_telemetry
+from inbox.tenancy import AuthCache
 from inbox.tenancy.keys import SecretBox
 from inbox.tenancy.masterkey import load_master_box
 
@@ -37,6 +38,7 @@ class Services:
     box: SecretBox
     queue: Queue
     signers: SignerCache
+    auth: AuthCache
     clock: Callable[[], datetime] = utcnow
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -77,6 +79,7 @@ async def build_services(settings: Settings, **overrides: Any) -> Services:
         settings=settings, db=db, resolver=resolver, transport=transport, box=box,
         queue=Queue(db), signers=SignerCache(db, box, settings.SMTP_DKIM_HEADERS,
                                              settings.SMTP_DKIM_ED25519),
+        auth=AuthCache(settings.INBOX_AUTH_CACHE_SECS),
     )
     return replace(services, **overrides) if overrides else services
 

@@ -9,7 +9,7 @@ from strawberry.dataloader import DataLoader
 from strawberry.fastapi import BaseContext
 
 from inbox.errors import Unauthenticated
-from inbox.tenancy import Principal, authenticate
+from inbox.tenancy import Principal
 
 
 class Context(BaseContext):
@@ -27,7 +27,7 @@ class Context(BaseContext):
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 raise Unauthenticated("send 'Authorization: Bearer <API key>'")
-            self._principal = await authenticate(self.services.db, token)
+            self._principal = await self.services.auth.authenticate(self.services.db, token)
         self._principal.require(scope)
         return self._principal
 

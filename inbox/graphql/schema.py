@@ -206,6 +206,7 @@ class Mutation:
             p = await info.context.principal("admin")
             s = info.context.services
             row = await tenancy.revoke_api_key(s.db, p.org, str(id), s.clock())
+            s.auth.evict(str(id))
             return ApiKeyPayload(api_key=ApiKey.of(row), errors=[])
 
         return await _payload(run, lambda e: ApiKeyPayload(api_key=None, errors=e))

@@ -17,7 +17,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from surrealdb import AsyncSurreal, RecordID
+from surrealdb import AsyncEmbeddedSurrealConnection, AsyncSurreal, RecordID
+from surrealdb.data.cbor import decode as cbor_decode
+from surrealdb.request_message.message import RequestMessage
+from surrealdb.request_message.methods import RequestMethod
 
 from inbox.errors import ConfigError, Conflict, InboxError, StorageUnavailable
 
@@ -146,12 +149,15 @@ class Database:
         """
         if self._conn is None:
             raise StorageUnavailable("database is not connected")
-        async with self._lock:
-            try:
-                raw = await self._conn.query_raw(sql, dict(params or {}))
-            except Exception as exc:  # noqa: BLE001 - SDK raises bare RuntimeError on parse errors
-                log.exception("database call failed")
-                raise StorageUnavailable(f"database error: {exc}") from None
+        try:
+            if isinstance(self._conn, AsyncEmbeddedSurrealConnection):
+                raw = await self._embedded_query(sql, dict(params or {}))
+            else:
+                async with self._lock:
+                    raw = await self._conn.query_raw(sql, dict(params or {}))
+        except Exception as exc:  # noqa: BLE001 - SDK raises bare RuntimeError on parse errors
+            log.exception("database call failed")
+            raise StorageUnavailable(f"database error: {exc}") from None
         if "error" in raw:
             raise StorageUnavailable(f"database error: {raw['error']}")
         results = raw.get("result") or []
@@ -169,6 +175,20 @@ class Database:
             log.error("statement failed: %s", texts)
             raise StorageUnavailable(f"database error: {texts[0]}")
         return [plain(r.get("result")) for r in results]
+
+    async def _embedded_query(self, sql: str, params: dict[str, Any]) -> Any:
+        """query_raw for the embedded engine with only the engine call under the lock.
+
+        The SDK encodes and decodes CBOR in pure Python; doing that outside the lock lets
+        other callers use the engine meanwhile (the lock was held ~10x the engine's own time).
+        This reaches past the SDK's `_send` to its engine handle, `_db.execute`.
+        """
+        request = RequestMessage(RequestMethod.QUERY, query=sql, params=params)
+        payload = request.WS_CBOR_DESCRIPTOR
+        async with self._lock:
+            response = await self._conn._db.execute(payload)
+        decoded = cbor_decode(response)
+        return decoded if isinstance(decoded, dict) else {}
 
     async def one(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
         """Run statements and return the last statement's result."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -76,3 +78,35 @@ async def list_api_keys(db: Database, org: str) -> list[dict[str, Any]]:
         "SELECT * OMIT hash FROM api_key WHERE org = $org ORDER BY created_at", {"org": org}
     )
     return rows or []
+
+
+class AuthCache:
+    """Authenticated principals, remembered for `ttl` seconds per key.
+
+    A revocation evicts the key here at once; another instance that cached it keeps accepting
+    it for at most `ttl` seconds (INBOX_AUTH_CACHE_SECS; 0 turns the cache off).
+    """
+
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self._clock = clock
+        self._entries: dict[str, tuple[float, Principal]] = {}
+
+    async def authenticate(self, db: Database, token: str) -> Principal:
+        if self.ttl <= 0:
+            return await authenticate(db, token)
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        hit = self._entries.get(digest)
+        now = self._clock()
+        if hit and hit[0] > now:
+            return hit[1]
+        principal = await authenticate(db, token)
+        if len(self._entries) > 10000:
+            self._entries.clear()
+        self._entries[digest] = (now + self.ttl, principal)
+        return principal
+
+    def evict(self, key_id: str) -> None:
+        for digest, (_, principal) in list(self._entries.items()):
+            if principal.key_id == key_id:
+                del self._entries[digest]
