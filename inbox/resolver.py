@@ -11,15 +11,22 @@ Each lookup returns an `Answer` — a plain list with one extra attribute, `auth
 is True only when the upstream resolver set the AD bit (RFC 4035 §3.2.3). We ask for it with the
 EDNS DO bit (RFC 3225) and the AD bit in the query (RFC 6840 §5.7). The AD bit is only worth
 trusting when the path to a validating resolver is trusted (e.g. it runs on localhost).
+
+`Resolver` caches answers per (name, type) for their TTL (RFC 1035 §3.2.1, RFC 2181 §8),
+capped at `max_ttl`, and "not found" answers per RFC 2308 §5 (the SOA in the authority
+section), capped at `max_negative_ttl`. Temporary failures are never cached. Concurrent
+identical lookups share one query. Each caller gets its own copy of a cached answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Iterable
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import dns.asyncresolver
 import dns.exception
@@ -37,6 +44,8 @@ T = TypeVar("T")
 DNS_PORT = 53
 # RFC 6891 §6.2.5 / DNS Flag Day 2020: 1232 bytes avoids IP fragmentation on most paths.
 EDNS_PAYLOAD = 1232
+# RFC 2308 §5 wants the SOA for negative caching; without one, cache "not found" this long.
+NEGATIVE_TTL_WITHOUT_SOA = 60.0
 
 
 class Answer(list[T], Generic[T]):
