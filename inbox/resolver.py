@@ -31,6 +31,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import dns.asyncresolver
 import dns.exception
 import dns.flags
+import dns.message
 import dns.name
 import dns.nameserver
 import dns.rdatatype
@@ -136,14 +137,64 @@ def _host(name: dns.name.Name) -> str:
     return name.to_text(omit_final_dot=True).lower() if name != dns.name.root else ""
 
 
+# How each record type becomes plain values (the `Answer` items).
+_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "MX": lambda rd: MxRecord(rd.preference, _host(rd.exchange)),
+    # RFC 7208 §3.3, RFC 6376 §3.6.2.2: a TXT record's character-strings are joined with "".
+    "TXT": lambda rd: b"".join(rd.strings).decode("utf-8", errors="replace"),
+    "A": lambda rd: rd.address,
+    "AAAA": lambda rd: rd.address,
+    "TLSA": lambda rd: TlsaRecord(rd.usage, rd.selector, rd.mtype, bytes(rd.cert)),
+    "PTR": lambda rd: _host(rd.target),
+}
+
+# A lookup's result: the records (empty for NODATA), or None for NXDOMAIN.
+_Result = Answer[Any] | None
+
+
+def _copy(result: _Result) -> _Result:
+    """A copy the caller may change without changing the cache."""
+    return None if result is None else Answer(result, authenticated=result.authenticated)
+
+
+def _negative_ttl(response: dns.message.Message | None) -> float:
+    """RFC 2308 §5: a negative answer lives min(SOA TTL, SOA MINIMUM) from the authority
+    section, and no longer than any CNAME followed to reach it (RFC 2308 §6)."""
+    if response is None:
+        return NEGATIVE_TTL_WITHOUT_SOA
+    ttls = [
+        min(rrset.ttl, rrset[0].minimum)
+        for rrset in response.authority
+        if rrset.rdtype == dns.rdatatype.SOA and len(rrset)
+    ]
+    if not ttls:
+        ttls.append(NEGATIVE_TTL_WITHOUT_SOA)
+    return min([*ttls, *(rrset.ttl for rrset in response.answer)])
+
+
 class Resolver:
-    """The real `DnsLookup`: dnspython's async stub resolver.
+    """The real `DnsLookup`: dnspython's async stub resolver, with a cache.
 
     `nameservers` are "ip", "ip:port" or "[v6]:port"; None or empty means /etc/resolv.conf.
     `timeout` bounds each lookup (all nameservers and retries together), in seconds.
+
+    With `cache` (see the module docstring), answers are kept at most `max_ttl` seconds,
+    "not found" at most `max_negative_ttl`, and at most `max_entries` of them (the least
+    recently used go first). `clock` tells the time in seconds for expiry. Without `cache`,
+    every lookup sends its queries.
     """
 
-    def __init__(self, nameservers: list[str] | None = None, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        nameservers: list[str] | None = None,
+        timeout: float = 5.0,
+        *,
+        cache: bool = True,
+        max_ttl: float = 3600,
+        max_negative_ttl: float = 300,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         try:
             self._resolver = dns.asyncresolver.Resolver(configure=not nameservers)
         except dns.exception.DNSException as exc:
@@ -158,6 +209,15 @@ class Resolver:
         # validating resolver to tell us (in the AD bit) whether it validated the answer.
         self._resolver.use_edns(0, dns.flags.DO, EDNS_PAYLOAD)
         self._resolver.flags = dns.flags.RD | dns.flags.AD
+        self._use_cache = cache
+        self._max_ttl = max_ttl
+        self._max_negative_ttl = max_negative_ttl
+        self._max_entries = max_entries
+        self._clock = clock
+        # (name, type) -> (expiry by `clock`, result); least recently used first.
+        self._cache: OrderedDict[tuple[dns.name.Name, str], tuple[float, _Result]] = OrderedDict()
+        # (name, type) -> the task fetching it, which returns a result or the error to raise.
+        self._inflight: dict[tuple[dns.name.Name, str], asyncio.Task[_Result | InboxError]] = {}
 
     @property
     def nameservers(self) -> list[tuple[str, int]]:
@@ -170,20 +230,18 @@ class Resolver:
                 servers.append((ns.address, ns.port))
         return servers
 
-    async def _query(
-        self, name: str | dns.name.Name, rdtype: str, *, allow_nodata: bool = False
-    ) -> dns.resolver.Answer:
-        """One lookup; dnspython errors become `DnsNotFound` / `DnsTemporary`.
-        With `allow_nodata`, a name without records of the type gives an empty answer."""
+    async def _query(self, name: str | dns.name.Name, rdtype: str) -> tuple[_Result, float]:
+        """One query, uncached: the result and how long it may be cached (0: not at all).
+        dnspython errors become `DnsTemporary`, or `DnsNotFound` for impossible names."""
         what = f"{name} {rdtype}"
         try:
-            return await self._resolver.resolve(
-                name, rdtype, search=False, raise_on_no_answer=not allow_nodata
+            answer = await self._resolver.resolve(
+                name, rdtype, search=False, raise_on_no_answer=False
             )
-        except dns.resolver.NXDOMAIN:
-            raise DnsNotFound(f"{what}: no such domain (NXDOMAIN)") from None
-        except dns.resolver.NoAnswer:
-            raise DnsNotFound(f"{what}: no records of that type") from None
+        except dns.resolver.NXDOMAIN as exc:
+            responses = list(exc.kwargs.get("responses", {}).values())
+            ttl = _negative_ttl(responses[0] if responses else None)
+            return None, max(0.0, min(ttl, self._max_negative_ttl))
         except dns.resolver.NoNameservers as exc:
             # Every nameserver failed: SERVFAIL, REFUSED, or could not be reached.
             raise DnsTemporary(f"{what}: no nameserver answered ({exc})") from None
@@ -197,34 +255,91 @@ class Resolver:
             raise DnsTemporary(f"{what}: lookup failed ({detail})") from None
         except OSError as exc:
             raise DnsTemporary(f"{what}: network error ({exc})") from None
+        authenticated = bool(answer.response.flags & dns.flags.AD)
+        if answer.rrset is None:  # NODATA: the name exists without records of this type
+            ttl = min(_negative_ttl(answer.response), self._max_negative_ttl)
+            return Answer(authenticated=authenticated), max(0.0, ttl)
+        parse = _PARSERS[rdtype]
+        # The smallest TTL of the answer and of any CNAME followed to reach it.
+        ttl = min(answer.chaining_result.minimum_ttl, self._max_ttl)
+        return Answer(map(parse, answer), authenticated=authenticated), max(0.0, ttl)
 
-    @staticmethod
-    def _authenticated(answer: dns.resolver.Answer) -> bool:
-        return bool(answer.response.flags & dns.flags.AD)
+    async def _fetch(
+        self, name: str | dns.name.Name, rdtype: str, key: tuple[dns.name.Name, str]
+    ) -> _Result | InboxError:
+        """Query and cache; errors are returned, so each waiter can raise its own copy."""
+        sent = self._clock()
+        try:
+            result, ttl = await self._query(name, rdtype)
+        except InboxError as exc:
+            return exc
+        if ttl > 0:
+            self._cache[key] = (sent + ttl, result)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self._max_entries:
+                self._cache.popitem(last=False)
+        return result
+
+    def _landed(self, key: tuple[dns.name.Name, str], task: asyncio.Task[Any]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved even if every waiter was cancelled meanwhile
+
+    async def _lookup(self, name: str | dns.name.Name, rdtype: str) -> _Result:
+        """The (copied) cached result if fresh; else join the query in flight or send one."""
+        try:
+            qname = name if isinstance(name, dns.name.Name) else dns.name.from_text(name)
+        except dns.exception.DNSException:
+            qname = None  # `_query` says why the name is impossible
+        if not self._use_cache or qname is None:
+            return (await self._query(name, rdtype))[0]
+        key = (qname.canonicalize(), rdtype)  # canonical: lowercase (RFC 4343)
+        cached = self._cache.get(key)
+        if cached is not None:
+            expires, result = cached
+            if self._clock() < expires:
+                self._cache.move_to_end(key)
+                return _copy(result)
+            del self._cache[key]
+        task = None
+        if task is None:
+            task = asyncio.ensure_future(self._fetch(name, rdtype, key))
+            self._inflight[key] = task
+            task.add_done_callback(lambda done: self._landed(key, done))
+        # Shielded: a caller that gives up does not cancel the query for the others.
+        outcome = await asyncio.shield(task)
+        if isinstance(outcome, InboxError):
+            raise type(outcome)(outcome.message)
+        return _copy(outcome)
+
+    async def _records(
+        self, name: str | dns.name.Name, rdtype: str, *, allow_nodata: bool = False
+    ) -> Answer[Any]:
+        """Records of one type; `DnsNotFound` for NXDOMAIN, and for NODATA unless allowed
+        (then the answer is empty)."""
+        result = await self._lookup(name, rdtype)
+        if result is None:
+            raise DnsNotFound(f"{name} {rdtype}: no such domain (NXDOMAIN)")
+        if not result and not allow_nodata:
+            raise DnsNotFound(f"{name} {rdtype}: no records of that type")
+        return result
 
     async def mx(self, name: str) -> Answer[MxRecord]:
         """MX records, in the order received (sorting and shuffling is the caller's job)."""
-        answer = await self._query(name, "MX")
-        return Answer(
-            (MxRecord(rd.preference, _host(rd.exchange)) for rd in answer),
-            authenticated=self._authenticated(answer),
-        )
+        return await self._records(name, "MX")
 
     async def txt(self, name: str) -> Answer[str]:
         """TXT records; each record's character-strings joined with "" (RFC 7208 §3.3,
         RFC 6376 §3.6.2.2) and decoded as UTF-8 with bad bytes replaced."""
-        answer = await self._query(name, "TXT")
-        return Answer(
-            (b"".join(rd.strings).decode("utf-8", errors="replace") for rd in answer),
-            authenticated=self._authenticated(answer),
-        )
+        return await self._records(name, "TXT")
 
     async def ips(self, name: str) -> Answer[str]:
         """A then AAAA addresses, both asked at once. `DnsNotFound` only if neither has any;
         if one family fails temporarily but the other has addresses, those are returned."""
         results = await asyncio.gather(
-            self._query(name, "A", allow_nodata=True),
-            self._query(name, "AAAA", allow_nodata=True),
+            self._records(name, "A", allow_nodata=True),
+            self._records(name, "AAAA", allow_nodata=True),
             return_exceptions=True,
         )
         found: list[str] = []
@@ -235,9 +350,9 @@ class Resolver:
                 errors.append(result)
             elif isinstance(result, BaseException):
                 raise result
-            elif len(result):
-                found.extend(rd.address for rd in result)
-                authenticated = authenticated and self._authenticated(result)
+            elif result:
+                found.extend(result)
+                authenticated = authenticated and result.authenticated
         if found:
             return Answer(found, authenticated=authenticated)
         # Temporary first: "try later" beats "does not exist" when the two disagree.
@@ -248,11 +363,7 @@ class Resolver:
 
     async def tlsa(self, name: str) -> Answer[TlsaRecord]:
         """TLSA records, e.g. for "_25._tcp.mx.example.com" (RFC 7672 §2.2)."""
-        answer = await self._query(name, "TLSA")
-        return Answer(
-            (TlsaRecord(rd.usage, rd.selector, rd.mtype, bytes(rd.cert)) for rd in answer),
-            authenticated=self._authenticated(answer),
-        )
+        return await self._records(name, "TLSA")
 
     async def ptr(self, ip: str) -> Answer[str]:
         """Reverse names for an IPv4/IPv6 address (RFC 1035 §3.5, RFC 3596 §2.5).
@@ -261,10 +372,7 @@ class Resolver:
             reverse = dns.reversename.from_address(ip)
         except (ValueError, dns.exception.SyntaxError):
             raise ValidationError(f"{ip!r} is not an IP address", field=["ip"]) from None
-        answer = await self._query(reverse, "PTR")
-        return Answer(
-            (_host(rd.target) for rd in answer), authenticated=self._authenticated(answer)
-        )
+        return await self._records(reverse, "PTR")
 
 
 __all__ = [

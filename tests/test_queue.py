@@ -138,3 +138,31 @@ async def test_cleanup_removes_old_finished_work(tmp_path: Any, dns_server: Any,
         assert await services.queue.cleanup(now, 3600, 3600) == 0
     finally:
         await services.db.close()
+
+
+async def test_completion_after_losing_the_lease_changes_nothing(tmp_path: Any,
+                                                                  dns_server: Any) -> None:
+    from inbox.delivery.queue import JobOutcome, RecipientOutcome
+
+    services = await _services(tmp_path, dns_server)
+    try:
+        tenant = await make_tenant(services, dns_server)
+        [msg_id] = await _submit_many(services, tenant, 1)
+        now = services.clock()
+        [job] = await services.queue.lease("w1", 1, 30, now)
+        [taken] = await services.queue.lease("w2", 1, 30, now + timedelta(seconds=31))
+        rcpt = (await services.queue.load(job))[2][0]
+        late = JobOutcome(job, [RecipientOutcome(rcpt["id"], rcpt["address"], "DELIVERED",
+                                                 "250 ok")])
+        assert await services.queue.complete(late, "w1", now) is False
+        status = await services.db.one("SELECT VALUE status FROM recipient WHERE message = $m",
+                                       {"m": msg_id})
+        assert status == ["QUEUED"]
+        good = JobOutcome(taken, [RecipientOutcome(rcpt["id"], rcpt["address"], "DELIVERED",
+                                                   "250 ok")])
+        assert await services.queue.complete(good, "w2", now) is True
+        row = await services.db.one("SELECT status FROM ONLY type::thing('message', $m)",
+                                    {"m": msg_id})
+        assert row["status"] == "DELIVERED"
+    finally:
+        await services.db.close()

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from inbox.storage import Database, DbThrow, new_id
+from surrealdb import RecordID
+
+from inbox.storage import Database, new_id
 
 _CLAIMABLE = ("(status = 'queued' AND due <= $now)"
               " OR (status = 'processing' AND lease_until < $now)")
@@ -31,31 +33,37 @@ UPDATE array::slice(array::concat($stale, $due), 0, $limit)
 """
 
 
+# Many jobs' results in one transaction (one commit, one fsync). A job whose lease we lost
+# (another worker took it over after expiry) is skipped and reported back.
 _COMPLETE = """
 BEGIN TRANSACTION;
-LET $mine = (SELECT VALUE id FROM ONLY type::thing('job', $job)
-             WHERE owner = $owner AND status = 'processing');
-IF $mine = NONE { THROW 'LEASE_LOST|' + $job };
-FOR $u IN $updates {
-  UPDATE type::thing('recipient', $u.id) SET status = $u.status,
-    attempts = attempts + 1, last_response = $u.response,
-    next_attempt_at = $u.next, updated_at = $now RETURN NONE;
+LET $lost = (SELECT VALUE meta::id(id) FROM $job_ids
+             WHERE owner != $owner OR status != 'processing');
+FOR $c IN $batch {
+  IF $c.job NOT IN $lost {
+    FOR $u IN $c.updates {
+      UPDATE type::thing('recipient', $u.id) SET status = $u.status,
+        attempts = attempts + 1, last_response = $u.response,
+        next_attempt_at = $u.next, updated_at = $now RETURN NONE;
+    };
+    FOR $s IN $c.suppressions {
+      UPSERT type::thing('suppression', $s.key) CONTENT $s.row RETURN NONE;
+    };
+    IF array::len($c.events) > 0 { INSERT INTO event $c.events RETURN NONE };
+    IF $c.pending {
+      UPDATE type::thing('job', $c.job) SET status = 'queued', due = $c.next,
+        owner = NONE, lease_until = NONE RETURN NONE;
+    } ELSE {
+      UPDATE type::thing('job', $c.job) SET status = $c.final, owner = NONE,
+        lease_until = NONE, finished_at = $now RETURN NONE;
+      UPSERT type::thing('quota_counter', [$c.domain, 'queued', 0]) SET n -= 1 RETURN NONE;
+    };
+    LET $statuses = (SELECT VALUE status FROM recipient WHERE message = $c.message);
+    UPDATE type::thing('message', $c.message) SET status = fn::message_status($statuses),
+      updated_at = $now RETURN NONE;
+  };
 };
-FOR $s IN $suppressions {
-  UPSERT type::thing('suppression', $s.key) CONTENT $s.row RETURN NONE;
-};
-IF array::len($events) > 0 { INSERT INTO event $events RETURN NONE };
-IF $pending {
-  UPDATE type::thing('job', $job) SET status = 'queued', due = $next,
-    owner = NONE, lease_until = NONE RETURN NONE;
-} ELSE {
-  UPDATE type::thing('job', $job) SET status = $final, owner = NONE,
-    lease_until = NONE, finished_at = $now RETURN NONE;
-  UPSERT type::thing('quota_counter', [$domain, 'queued', 0]) SET n -= 1 RETURN NONE;
-};
-LET $statuses = (SELECT VALUE status FROM recipient WHERE message = $message);
-UPDATE type::thing('message', $message) SET status = fn::message_status($statuses),
-  updated_at = $now RETURN NONE;
+RETURN $lost;
 COMMIT TRANSACTION;
 """
 
@@ -111,34 +119,42 @@ class Queue:
 
     async def complete(self, outcome: JobOutcome, owner: str, now: datetime) -> bool:
         """Record one attempt's results; returns False when our lease was lost meanwhile."""
+        return not await self.complete_many([outcome], owner, now)
+
+    async def complete_many(self, outcomes: list[JobOutcome], owner: str, now: datetime
+                            ) -> set[str]:
+        """Record several jobs' attempts in one transaction; returns the ids of lost leases."""
+        batch = [self._entry(o, now) for o in outcomes]
+        results = await self.db.run(_COMPLETE, {
+            "batch": batch, "owner": owner, "now": now,
+            "job_ids": [RecordID("job", o.job["id"]) for o in outcomes]})
+        lost = next((r for r in reversed(results) if isinstance(r, list)), [])
+        return set(lost)
+
+    @staticmethod
+    def _entry(outcome: JobOutcome, now: datetime) -> dict[str, Any]:
         job = outcome.job
-        pending = any(r.status == "DEFERRED" for r in outcome.recipients)
-        events = [{
-            "id": new_id("evt"), "org": job["org"], "message": job["message"],
-            "type": r.status, "at": now, "recipient": r.address, "detail": r.response,
-        } for r in outcome.recipients]
-        updates = [{"id": r.recipient_id, "status": r.status, "response": r.response,
-                    "next": outcome.next_due if r.status == "DEFERRED" else None}
-                   for r in outcome.recipients]
-        suppressions = [{
-            "key": [job["org"], r.suppress, r.suppress_value],
-            "row": {"org": job["org"], "scope": r.suppress, "target": r.suppress_value,
-                    "reason": r.response[:500], "source": "bounce", "created_at": now,
-                    "expires_at": None, "message": job["message"]},
-        } for r in outcome.recipients if r.suppress and r.suppress_value]
-        final = "dead" if any(r.status in ("BOUNCED", "EXPIRED") for r in outcome.recipients) \
-            else "done"
-        try:
-            await self.db.run(_COMPLETE, {
-                "job": job["id"], "owner": owner, "updates": updates,
-                "suppressions": suppressions, "events": events, "pending": pending,
-                "final": final, "next": outcome.next_due, "now": now,
-                "domain": job["sending_domain"], "message": job["message"]})
-        except DbThrow as exc:
-            if exc.throw_code == "LEASE_LOST":
-                return False
-            raise
-        return True
+        recipients = outcome.recipients
+        return {
+            "job": job["id"], "message": job["message"], "domain": job["sending_domain"],
+            "pending": any(r.status == "DEFERRED" for r in recipients),
+            "final": "dead" if any(r.status in ("BOUNCED", "EXPIRED") for r in recipients)
+            else "done",
+            "next": outcome.next_due,
+            "events": [{
+                "id": new_id("evt"), "org": job["org"], "message": job["message"],
+                "type": r.status, "at": now, "recipient": r.address, "detail": r.response,
+            } for r in recipients],
+            "updates": [{"id": r.recipient_id, "status": r.status, "response": r.response,
+                         "next": outcome.next_due if r.status == "DEFERRED" else None}
+                        for r in recipients],
+            "suppressions": [{
+                "key": [job["org"], r.suppress, r.suppress_value],
+                "row": {"org": job["org"], "scope": r.suppress, "target": r.suppress_value,
+                        "reason": r.response[:500], "source": "bounce", "created_at": now,
+                        "expires_at": None, "message": job["message"]},
+            } for r in recipients if r.suppress and r.suppress_value],
+        }
 
     async def release(self, owner: str) -> int:
         """Give back every lease this owner holds (graceful shutdown)."""

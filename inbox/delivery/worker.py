@@ -40,6 +40,55 @@ class Target:
     name: str
 
 
+class Completer:
+    """Group commit for job results: outcomes that arrive while a write is in flight go
+    together in the next transaction (one commit, one fsync, for up to `max_batch` jobs)."""
+
+    def __init__(self, queue: Queue, owner: str, clock: Callable[[], datetime],
+                 max_batch: int = 64) -> None:
+        self._queue = queue
+        self._owner = owner
+        self._clock = clock
+        self._max = max_batch
+        self._pending: list[tuple[JobOutcome, asyncio.Future[bool]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def complete(self, outcome: JobOutcome) -> bool:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((outcome, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:self._max], self._pending[self._max:]
+            try:
+                lost = await self._queue.complete_many([o for o, _ in batch], self._owner,
+                                                       self._clock())
+            except InboxError as exc:
+                if len(batch) > 1:  # one bad entry must not sink the others: go one by one
+                    for item in batch:
+                        await self._one(*item)
+                    continue
+                if not batch[0][1].done():
+                    batch[0][1].set_exception(exc)
+                continue
+            for outcome, future in batch:
+                if not future.done():
+                    future.set_result(outcome.job["id"] not in lost)
+
+    async def _one(self, outcome: JobOutcome, future: asyncio.Future[bool]) -> None:
+        try:
+            lost = await self._queue.complete_many([outcome], self._owner, self._clock())
+        except InboxError as exc:
+            if not future.done():
+                future.set_exception(exc)
+        else:
+            if not future.done():
+                future.set_result(outcome.job["id"] not in lost)
+
+
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{id(object()):x}"
 
@@ -66,6 +115,7 @@ class DeliveryWorker:
         self.wakeup = wakeup or asyncio.Event()
         self.name = name or worker_name()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._completer = Completer(queue, self.name, clock)
         self._next_cleanup = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -144,13 +194,13 @@ class DeliveryWorker:
             span.set_attribute("inbox.rcpt_domain", job["rcpt_domain"])
             message, raw, rcpts = await self.queue.load(job)
             if message is None or raw is None or not rcpts:
-                await self.queue.complete(JobOutcome(job), self.name, self.clock())
+                await self._completer.complete(JobOutcome(job))
                 return
             addresses = [r["address"] for r in rcpts]
             result = await self._attempt(job, message, raw, addresses)
             outcome = self._decide(job, rcpts, result)
             span.set_attribute("inbox.statuses", ",".join(r.status for r in outcome.recipients))
-            if not await self.queue.complete(outcome, self.name, self.clock()):
+            if not await self._completer.complete(outcome):
                 log.warning("lease on %s was lost before completion; another worker owns it",
                             job["id"])
 
