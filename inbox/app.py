@@ -39,6 +39,9 @@ class Services:
     queue: Queue
     signers: SignerCache
     auth: AuthCache
+    # Domain verification asks DNS afresh: a tenant who just published a record and presses
+    # "verify" must not wait out our negative cache.
+    verify_resolver: Any = None
     clock: Callable[[], datetime] = utcnow
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -80,6 +83,9 @@ async def build_services(settings: Settings, **overrides: Any) -> Services:
         queue=Queue(db), signers=SignerCache(db, box, settings.SMTP_DKIM_HEADERS,
                                              settings.SMTP_DKIM_ED25519),
         auth=AuthCache(settings.INBOX_AUTH_CACHE_SECS),
+        verify_resolver=overrides.pop("verify_resolver", None) or Resolver(
+            settings.INBOX_DNS_NAMESERVERS or None, timeout=settings.INBOX_DNS_TIMEOUT_SECS,
+            cache=False),
     )
     return replace(services, **overrides) if overrides else services
 

@@ -302,8 +302,8 @@ class Resolver:
                 self._cache.move_to_end(key)
                 return _copy(result)
             del self._cache[key]
-        task = None
-        if task is None:
+        task = self._inflight.get(key)
+        if task is None or task.get_loop() is not asyncio.get_running_loop():
             task = asyncio.ensure_future(self._fetch(name, rdtype, key))
             self._inflight[key] = task
             task.add_done_callback(lambda done: self._landed(key, done))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
+from typing import Any
 
 import pytest
 
@@ -98,7 +100,8 @@ async def test_null_mx_record_host_is_empty(dns_server: DnsServer, resolver: Res
     assert await resolver.mx("nomail.test") == [MxRecord(0, "")]
 
 
-async def test_authenticated_follows_the_ad_bit(dns_server: DnsServer, resolver: Resolver) -> None:
+async def test_authenticated_follows_the_ad_bit(dns_server: DnsServer) -> None:
+    resolver = Resolver([dns_server.address], timeout=2, cache=False)
     dns_server.add("example.test", "TXT", '"hello"')
     assert (await resolver.txt("example.test")).authenticated is False
     dns_server.authenticated = True  # as a validating resolver would (RFC 6840 §5.7)
@@ -262,3 +265,250 @@ async def test_unreachable_nameserver_is_temporary() -> None:
     # Nothing listens there any more: ICMP port unreachable (or a timeout), never a crash.
     with pytest.raises(DnsTemporary):
         await Resolver([f"127.0.0.1:{port}"], timeout=0.5).ips("example.test")
+
+
+# -- the cache -------------------------------------------------------------------------------
+
+
+class FakeClock:
+    """An injectable clock that only moves when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def cached_resolver(dns_server: DnsServer, clock: FakeClock, **options: Any) -> Resolver:
+    return Resolver([dns_server.address], timeout=2, clock=clock, **options)
+
+
+def sent(dns_server: DnsServer, name: str, rtype: str) -> int:
+    """How many queries the server received for `name`/`rtype`."""
+    return len(dns_server.transports(name, rtype))
+
+
+@pytest.mark.parametrize(
+    ("method", "arg", "again", "records", "expected"),
+    [
+        (
+            "mx",
+            "example.test",
+            "EXAMPLE.Test.",
+            [("example.test", "MX", "10 mx.")],
+            [MxRecord(10, "mx")],
+        ),
+        ("txt", "example.test", "Example.TEST", [("example.test", "TXT", '"t"')], ["t"]),
+        (
+            "ips",
+            "h.example.test",
+            "H.example.test",
+            [("h.example.test", "A", "192.0.2.1"), ("h.example.test", "AAAA", "::1")],
+            ["192.0.2.1", "::1"],
+        ),
+        ("ptr", "127.0.0.1", "127.0.0.1", [("1.0.0.127.in-addr.arpa", "PTR", "h.")], ["h"]),
+        (
+            "tlsa",
+            "_25._tcp.mx.test",
+            "_25._TCP.MX.test",
+            [("_25._tcp.mx.test", "TLSA", "3 0 0 00")],
+            [TlsaRecord(3, 0, 0, b"\0")],
+        ),
+    ],
+    ids=["mx", "txt", "ips", "ptr", "tlsa"],
+)
+async def test_second_lookup_within_ttl_sends_no_query(
+    dns_server: DnsServer,
+    method: str,
+    arg: str,
+    again: str,
+    records: list[tuple[str, str, str]],
+    expected: list[Any],
+) -> None:
+    for name, rtype, value in records:
+        dns_server.add(name, rtype, value)
+    clock = FakeClock()
+    resolver = cached_resolver(dns_server, clock)
+    first = await getattr(resolver, method)(arg)
+    clock.now += 59
+    second = await getattr(resolver, method)(again)  # names are compared case-insensitively
+    assert first == expected
+    assert second == first
+    for name, rtype, _ in records:
+        assert sent(dns_server, name, rtype) == 1
+
+
+@pytest.mark.parametrize(
+    ("records", "options", "lifetime"),
+    [
+        ([("a.test", "TXT", 30)], {}, 30),
+        ([("a.test", "TXT", 86400)], {"max_ttl": 100}, 100),
+        # RFC 2181 §10.1.1 / RFC 2308 §6: the chain lives as long as its shortest TTL.
+        ([("a.test", "CNAME", 10), ("b.test", "TXT", 600)], {}, 10),
+    ],
+    ids=["record-ttl", "capped-at-max-ttl", "cname-ttl"],
+)
+async def test_new_query_after_ttl_sees_changed_record(
+    dns_server: DnsServer,
+    records: list[tuple[str, str, int]],
+    options: dict[str, Any],
+    lifetime: int,
+) -> None:
+    for name, rtype, ttl in records:
+        value = "b.test." if rtype == "CNAME" else '"old"'
+        dns_server.add(name, rtype, value, ttl=ttl)
+    target = records[-1][0]
+    clock = FakeClock()
+    resolver = cached_resolver(dns_server, clock, **options)
+    assert await resolver.txt("a.test") == ["old"]
+    dns_server.remove(target, "TXT")
+    dns_server.add(target, "TXT", '"new"')
+    clock.now += lifetime - 0.5
+    assert await resolver.txt("a.test") == ["old"]
+    assert sent(dns_server, "a.test", "TXT") == 1
+    clock.now += 0.5
+    assert await resolver.txt("a.test") == ["new"]
+    assert sent(dns_server, "a.test", "TXT") == 2
+
+
+@pytest.mark.parametrize(
+    ("soa", "name", "options", "lifetime"),
+    [
+        # RFC 2308 §5: min(SOA TTL, SOA MINIMUM) = min(3600, 120).
+        ("3600 1209600 120", "missing.example.test", {}, 120),
+        ("30 1209600 120", "missing.example.test", {}, 30),
+        ("3600 1209600 86400", "missing.example.test", {}, 300),
+        ("3600 1209600 86400", "missing.example.test", {"max_negative_ttl": 10}, 10),
+        (None, "missing.example.test", {}, 60),
+        ("3600 1209600 120", "nodata.example.test", {}, 120),
+    ],
+    ids=["soa-minimum", "soa-ttl", "capped", "capped-option", "no-soa-default", "nodata"],
+)
+async def test_not_found_is_cached_for_the_negative_ttl(
+    dns_server: DnsServer, soa: str | None, name: str, options: dict[str, Any], lifetime: int
+) -> None:
+    if soa is not None:
+        ttl, expire, minimum = soa.split()
+        dns_server.load_zone_text(
+            "example.test.",
+            f"@ {ttl} IN SOA ns.example.test. admin.example.test. 1 7200 900 {expire} {minimum}",
+        )
+    dns_server.add("nodata.example.test", "A", "192.0.2.1")
+    clock = FakeClock()
+    resolver = cached_resolver(dns_server, clock, **options)
+    with pytest.raises(DnsNotFound):
+        await resolver.txt(name)
+    dns_server.add(name, "TXT", '"now it exists"')
+    clock.now += lifetime - 0.5
+    with pytest.raises(DnsNotFound):
+        await resolver.txt(name)
+    assert sent(dns_server, name, "TXT") == 1
+    clock.now += 0.5
+    assert await resolver.txt(name) == ["now it exists"]
+    assert sent(dns_server, name, "TXT") == 2
+
+
+async def test_nxdomain_message_survives_the_cache(dns_server: DnsServer) -> None:
+    resolver = cached_resolver(dns_server, FakeClock())
+    for name in ("missing.test", "MISSING.test"):
+        with pytest.raises(DnsNotFound, match=rf"{name} MX: no such domain \(NXDOMAIN\)"):
+            await resolver.mx(name)
+    with pytest.raises(DnsNotFound, match="NXDOMAIN"):
+        await resolver.ips("missing.test")
+    assert sent(dns_server, "missing.test", "MX") == 1
+
+
+async def test_servfail_is_not_cached(dns_server: DnsServer) -> None:
+    dns_server.add("broken.test", "MX", "10 mx.broken.test.")
+    dns_server.set_servfail("broken.test")
+    resolver = cached_resolver(dns_server, FakeClock())
+    for _ in range(2):
+        with pytest.raises(DnsTemporary):
+            await resolver.mx("broken.test")
+    dns_server.set_servfail("broken.test", on=False)
+    assert await resolver.mx("broken.test") == [MxRecord(10, "mx.broken.test")]
+    assert sent(dns_server, "broken.test", "MX") == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [("example.test", None), ("missing.test", DnsNotFound), ("broken.test", DnsTemporary)],
+    ids=["answer", "nxdomain", "servfail"],
+)
+async def test_concurrent_identical_lookups_send_one_query(
+    dns_server: DnsServer, name: str, error: type[Exception] | None
+) -> None:
+    dns_server.add("example.test", "MX", "10 mx.example.test.")
+    dns_server.add("broken.test", "MX", "10 mx.broken.test.")
+    dns_server.set_servfail("broken.test")
+    resolver = cached_resolver(dns_server, FakeClock())
+    results = await asyncio.gather(*(resolver.mx(name) for _ in range(20)), return_exceptions=True)
+    assert sent(dns_server, name, "MX") == 1
+    if error is None:
+        assert all(r == [MxRecord(10, "mx.example.test")] for r in results)
+        assert len({id(r) for r in results}) == 20  # each caller has its own copy
+    else:
+        assert all(type(r) is error for r in results)
+        assert len({id(r) for r in results}) == 20  # and its own exception
+
+
+async def test_cancelled_caller_does_not_cancel_the_others(dns_server: DnsServer) -> None:
+    dns_server.set_silent("slow.test")
+    resolver = Resolver([dns_server.address], timeout=0.3)
+    first = asyncio.create_task(resolver.txt("slow.test"))
+    second = asyncio.create_task(resolver.txt("slow.test"))
+    await asyncio.sleep(0.05)
+    first.cancel()
+    with pytest.raises(DnsTemporary, match="timed out"):
+        await second
+    assert first.cancelled()
+
+
+async def test_cache_disabled_sends_every_query(dns_server: DnsServer) -> None:
+    dns_server.add("example.test", "MX", "10 mx.example.test.")
+    resolver = cached_resolver(dns_server, FakeClock(), cache=False)
+    for _ in range(3):
+        await resolver.mx("example.test")
+    await asyncio.gather(*(resolver.mx("example.test") for _ in range(3)))
+    assert sent(dns_server, "example.test", "MX") == 6
+
+
+async def test_zero_ttl_is_never_cached(dns_server: DnsServer) -> None:
+    dns_server.add("example.test", "MX", "10 mx.example.test.", ttl=0)
+    dns_server.load_zone_text(
+        "zero.test.", "@ 0 IN SOA ns.zero.test. admin.zero.test. 1 7200 900 1209600 0"
+    )
+    resolver = cached_resolver(dns_server, FakeClock())
+    for _ in range(3):
+        await resolver.mx("example.test")
+        with pytest.raises(DnsNotFound):
+            await resolver.mx("missing.zero.test")
+    assert sent(dns_server, "example.test", "MX") == 3
+    assert sent(dns_server, "missing.zero.test", "MX") == 3
+
+
+async def test_callers_cannot_change_the_cache(dns_server: DnsServer) -> None:
+    dns_server.add("example.test", "MX", "10 mx.example.test.")
+    dns_server.authenticated = True
+    resolver = cached_resolver(dns_server, FakeClock())
+    answer = await resolver.mx("example.test")
+    answer.append(MxRecord(0, "evil.test"))
+    answer.authenticated = False
+    again = await resolver.mx("example.test")
+    assert again == [MxRecord(10, "mx.example.test")]
+    assert again.authenticated is True
+    again.clear()
+    assert await resolver.mx("example.test") == [MxRecord(10, "mx.example.test")]
+    assert sent(dns_server, "example.test", "MX") == 1
+
+
+async def test_least_recently_used_is_evicted(dns_server: DnsServer) -> None:
+    for name in ("a.test", "b.test", "c.test"):
+        dns_server.add(name, "TXT", f'"{name}"')
+    resolver = cached_resolver(dns_server, FakeClock(), max_entries=2)
+    for name in ("a.test", "b.test", "a.test", "c.test"):  # c evicts b, used less recently
+        await resolver.txt(name)
+    await resolver.txt("a.test")
+    await resolver.txt("b.test")
+    assert [sent(dns_server, n, "TXT") for n in ("a.test", "b.test", "c.test")] == [1, 2, 1]

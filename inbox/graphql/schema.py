@@ -226,7 +226,8 @@ class Mutation:
         async def run() -> VerifyDomainPayload:
             p = await info.context.principal("admin")
             s = info.context.services
-            row, checks = await tenancy.verify_domain(s.db, s.resolver, p.org, domain, s.clock())
+            row, checks = await tenancy.verify_domain(s.db, s.verify_resolver, p.org, domain,
+                                                      s.clock())
             return VerifyDomainPayload(domain=Domain.of(row), errors=[], checks=[
                 DnsRecordCheck(type=c["type"], name=c["name"], value=c["value"], ok=c["ok"],
                                found=c["found"], error=c["error"]) for c in checks])
