@@ -7,7 +7,7 @@ concurrent clients send N one-recipient messages (~1 KB text) and the benchmark 
 are DELIVERED, reading each message's `updatedAt` (when it became DELIVERED) from the API.
 
 Run: python bench/send.py [--messages N] [--concurrency C] [--sink postfix|aiosmtpd]
-                          [--timeout SECS] [--profile FILE] [--keep]
+                          [--client raw|httpx] [--timeout SECS] [--profile FILE] [--keep]
 
 Prints one JSON line on stdout (progress goes to stderr):
   accepted_per_s   N / (last API acceptance − first send)
@@ -16,7 +16,9 @@ Prints one JSON line on stdout (progress goes to stderr):
   e2e_p50_ms, e2e_p99_ms    acceptance (client got the reply) → DELIVERED (message updatedAt)
   peak_rss_mb      VmHWM of the server process (plus any children)
   errors           non-success sendEmail responses (HTTP error, GraphQL or payload errors)
+  delivered        how many of the N were DELIVERED before --timeout
   server_cpu_cores / client_cpu_cores  CPU used per wall second during the measured run
+                   (client: this process — load generator, DNS server thread, polling)
 Target (issue): ≥ 300/s accepted and delivered, api_p99 < 100 ms at C=16 on 2 cores.
 """
 
@@ -37,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -55,6 +58,7 @@ SENDER_DOMAIN = "sender.test"
 RCPT_DOMAIN = "rcpt.test"
 BIG = "100000000"
 WARMUP = 20
+REQUEST_TIMEOUT = 30.0
 PENDING = {"QUEUED", "SENDING", "DEFERRED"}
 
 SEND = """
@@ -124,7 +128,7 @@ def service_env(data_dir: Path, **values: str) -> dict[str, str]:
     env.update({
         "INBOX_DATA_DIR": str(data_dir),
         "INBOX_MASTER_KEY": MASTER_KEY,
-        "INBOX_DB_SYNC": "true",  # durable: fsync every commit
+        "INBOX_DB_SYNC": os.environ.get("BENCH_DB_SYNC", "true"),  # durable: fsync every commit
         "INBOX_LOG_LEVEL": "WARNING",
         "OTEL_TRACES_EXPORTER": "none",
         "PYTHONUNBUFFERED": "1",
@@ -134,8 +138,8 @@ def service_env(data_dir: Path, **values: str) -> dict[str, str]:
 
 
 def cli(env: dict[str, str], *args: str) -> dict[str, Any]:
-    # `--json` after the subcommand: the subparsers' own `--json` default (False) overrides a
-    # top-level `inbox --json org create …` (argparse), which would print human text.
+    # `--json` after the subcommand: older CLIs let the subparsers' own `--json` default
+    # override a top-level `inbox --json org create …`, which then printed human text.
     cmd = [sys.executable, "-m", "inbox", *args, "--json"]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
@@ -227,6 +231,66 @@ class Api:
         return data["data"]
 
 
+class RawHttp:
+    """A minimal HTTP/1.1 keep-alive client on one connection, for the measured sends.
+
+    httpx spends ~3 ms of CPU per request here (`--client httpx` to compare): at the target
+    rate that is a whole core of a 2-core machine, taken from the server being measured.
+    """
+
+    def __init__(self, host: str, port: int, headers: dict[str, str]) -> None:
+        self.host, self.port = host, port
+        self.head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+        self.reader = self.writer = None
+
+    def post_to(self, path: str) -> Post:
+        return lambda body: self.post(path, body)
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        try:
+            return await self._exchange(path, body)
+        except BaseException:
+            await self.close()  # unknown state: never reuse the connection
+            raise
+
+    async def _exchange(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        self.writer.write((f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                           f"{self.head}Content-Type: application/json\r\n"
+                           f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+        head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        status = int(head[0].split()[1])
+        fields = {}
+        for line in head[1:]:
+            name, _, value = line.partition(":")
+            fields[name.strip().lower()] = value.strip().lower()
+        if "content-length" in fields:
+            data = await self.reader.readexactly(int(fields["content-length"]))
+        elif fields.get("transfer-encoding") == "chunked":
+            parts = []
+            while size := int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                parts.append(await self.reader.readexactly(size))
+                await self.reader.readexactly(2)
+            await self.reader.readuntil(b"\r\n")  # no trailers from our server
+            data = b"".join(parts)
+        else:
+            data = await self.reader.read()
+            fields["connection"] = "close"
+        if fields.get("connection") == "close":
+            await self.close()
+        return status, data
+
+
 class Load:
     """Results of the send phase."""
 
@@ -242,60 +306,68 @@ class Load:
             self.error_samples.append(text[:300])
 
 
-async def send_one(client: httpx.AsyncClient, load: Load | None, i: int, tag: str,
-                   text: str) -> None:
+Post = Callable[[bytes], Awaitable[tuple[int, bytes]]]
+
+
+def httpx_post(client: httpx.AsyncClient) -> Post:
+    async def post(body: bytes) -> tuple[int, bytes]:
+        resp = await client.post("/graphql", content=body,
+                                 headers={"Content-Type": "application/json"})
+        return resp.status_code, resp.content
+
+    return post
+
+
+async def send_one(post: Post, load: Load, i: int, tag: str, text: str) -> None:
     variables = {"from": f"Bench <bench@{SENDER_DOMAIN}>", "to": [f"user{i}@{RCPT_DOMAIN}"],
                  "subject": f"bench {tag} #{i}", "text": text}
+    body = json.dumps({"query": SEND, "variables": variables}).encode()
     started = time.perf_counter()
     try:
-        resp = await client.post("/graphql", json={"query": SEND, "variables": variables})
-    except httpx.HTTPError as exc:
-        if load is None:
-            raise
+        status, content = await asyncio.wait_for(post(body), REQUEST_TIMEOUT)
+    except (TimeoutError, OSError, EOFError, ValueError, asyncio.LimitOverrunError,
+            httpx.HTTPError) as exc:
         load.error(f"{type(exc).__name__}: {exc}")
         return
     elapsed = time.perf_counter() - started
     wall = time.time()
-    payload: Any = None
-    problem = None
-    if resp.status_code != 200:
-        problem = f"HTTP {resp.status_code}: {resp.text}"
-    else:
-        data = resp.json()
-        payload = (data.get("data") or {}).get("sendEmail")
-        if data.get("errors") or not payload or payload.get("errors") or not payload["message"]:
-            problem = json.dumps(data)
-    if load is None:
-        if problem:
-            raise RuntimeError(f"warm-up send failed: {problem}")
+    if status != 200:
+        load.error(f"HTTP {status}: {content[:300]!r}")
         return
-    if problem:
-        load.error(problem)
+    try:
+        data = json.loads(content)
+    except ValueError:
+        load.error(f"not JSON: {content[:300]!r}")
+        return
+    payload = (data.get("data") or {}).get("sendEmail")
+    if data.get("errors") or not payload or payload.get("errors") or not payload["message"]:
+        load.error(json.dumps(data))
         return
     load.latencies.append(elapsed)
     load.accepted[payload["message"]["id"]] = wall
 
 
-async def run_load(client: httpx.AsyncClient, n: int, concurrency: int, tag: str,
-                   text: str) -> tuple[Load, float, float]:
+async def run_load(posts: list[Post], n: int, first: int, tag: str, text: str
+                   ) -> tuple[Load, float, float]:
+    """Send messages first..first+n-1, one worker per `posts` entry (each its connection)."""
     load = Load()
-    counter = itertools.count()
+    counter = itertools.count(first)
 
-    async def worker() -> None:
-        while (i := next(counter)) < n:
-            await send_one(client, load, i, tag, text)
+    async def worker(post: Post) -> None:
+        while (i := next(counter)) < first + n:
+            await send_one(post, load, i, tag, text)
 
     async def progress() -> None:
         while True:
             await asyncio.sleep(2)
             done = len(load.accepted) + load.errors
-            rate = done / max(1e-9, time.time() - t0)
-            log(f"sent {done}/{n} ({rate:.0f}/s, {load.errors} errors)")
+            log(f"sent {done}/{n} ({done / max(1e-9, time.time() - t0):.0f}/s, "
+                f"{load.errors} errors)")
 
     t0 = time.time()
     reporter = asyncio.create_task(progress())
     try:
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(post) for post in posts))
     finally:
         reporter.cancel()
     t1 = max(load.accepted.values(), default=time.time())
@@ -353,37 +425,38 @@ async def wait_delivered(api: Api, accepted: dict[str, float], limit_secs: float
 
 async def benchmark(args: argparse.Namespace, base_url: str, key: str, server_pid: int
                     ) -> dict[str, Any]:
-    limits = httpx.Limits(max_connections=args.concurrency,
-                          max_keepalive_connections=args.concurrency)
     headers = {"Authorization": f"Bearer {key}"}
     text = body_text()
     tag = f"{os.getpid()}-{int(time.time())}"
+    limits = httpx.Limits(max_connections=args.concurrency,
+                          max_keepalive_connections=args.concurrency)
+    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+    raws = [RawHttp(host, int(port), headers) for _ in range(args.concurrency)]
     async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits,
-                                 timeout=30) as client:
+                                 timeout=REQUEST_TIMEOUT) as client:
         api = Api(client)
-        log(f"warm-up: {WARMUP} sends")
-        warm = Load()
-        sem = asyncio.Semaphore(args.concurrency)
+        posts = ([httpx_post(client)] * args.concurrency if args.client == "httpx"
+                 else [raw.post_to("/graphql") for raw in raws])
+        try:
+            log(f"warm-up: {WARMUP} sends")
+            warm, _, _ = await run_load(posts, WARMUP, -WARMUP, f"{tag}-warm", text)
+            if warm.errors:
+                raise RuntimeError(f"warm-up sends failed: {warm.error_samples}")
+            await wait_delivered(api, warm.accepted, 30)
 
-        async def warm_one(i: int) -> None:
-            async with sem:
-                await send_one(client, warm, -1 - i, f"{tag}-warm", text)
-
-        await asyncio.gather(*(warm_one(i) for i in range(WARMUP)))
-        if warm.errors:
-            raise RuntimeError(f"warm-up sends failed: {warm.error_samples}")
-        await wait_delivered(api, warm.accepted, 30)
-
-        log(f"sending {args.messages} messages with {args.concurrency} clients")
-        cpu0, pcpu0 = cpu_seconds(server_pid), time.process_time()
-        load, t0, t_accepted = await asyncio.wait_for(
-            run_load(client, args.messages, args.concurrency, tag, text),
-            timeout=args.send_timeout)
-        log(f"accepted {len(load.accepted)} in {t_accepted - t0:.2f}s; {load.errors} errors"
-            + (f", e.g. {load.error_samples[0]}" if load.errors else ""))
-        delivered = await wait_delivered(api, load.accepted, args.timeout)
-        t_end = time.time()
-        cpu1, pcpu1 = cpu_seconds(server_pid), time.process_time()
+            log(f"sending {args.messages} messages with {args.concurrency} clients "
+                f"({args.client})")
+            cpu0, pcpu0 = cpu_seconds(server_pid), time.process_time()
+            load, t0, t_accepted = await asyncio.wait_for(
+                run_load(posts, args.messages, 0, tag, text), timeout=args.send_timeout)
+            log(f"accepted {len(load.accepted)} in {t_accepted - t0:.2f}s; {load.errors} errors"
+                + (f", e.g. {load.error_samples[0]}" if load.errors else ""))
+            delivered = await wait_delivered(api, load.accepted, args.timeout)
+            t_end = time.time()
+            cpu1, pcpu1 = cpu_seconds(server_pid), time.process_time()
+        finally:
+            for raw in raws:
+                await raw.close()
     t_delivered = max(delivered.values(), default=float("nan"))
     e2e = [delivered[m] - load.accepted[m] for m in delivered]
     measured = max(1e-9, t_end - t0)
@@ -402,6 +475,7 @@ async def benchmark(args: argparse.Namespace, base_url: str, key: str, server_pi
         "errors": load.errors,
         "delivered": len(delivered),
         "sink": args.sink,
+        "client": args.client,
         "server_cpu_cores": round((cpu1 - cpu0) / measured, 2),
         "client_cpu_cores": round((pcpu1 - pcpu0) / measured, 2),
     }
@@ -430,7 +504,7 @@ def start_profiler(pid: int, path: str, log_dir: Path) -> subprocess.Popen[Any] 
         log("--profile: py-spy not found (pip install py-spy); not profiling")
         return None
     cmd = [exe, "record", "--pid", str(pid), "--format", "raw", "--output", path,
-           "--rate", "100", "--nonblocking", "--threads", "--idle"]
+           "--rate", "100", "--nonblocking", "--threads", "--gil"]
     with open(log_dir / "py-spy.log", "wb") as out:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT)
@@ -442,12 +516,16 @@ def main() -> int:
     p.add_argument("--concurrency", "-c", type=int, default=16)
     p.add_argument("--sink", choices=["postfix", "aiosmtpd"],
                    default="postfix" if os.access(POSTFIX_SINK, os.X_OK) else "aiosmtpd")
+    p.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                   help="HTTP client for the measured sends (default: a minimal keep-alive "
+                        "client; httpx costs ~3 ms CPU per request)")
     p.add_argument("--timeout", type=float, default=120,
                    help="seconds to wait for delivery after the last send (default 120)")
     p.add_argument("--send-timeout", type=float, default=600,
                    help="seconds the send phase may take (default 600)")
     p.add_argument("--profile", metavar="FILE",
-                   help="py-spy record the server during the run (collapsed stacks)")
+                   help="py-spy record the server (GIL-holding stacks, collapsed format) "
+                        "from start-up to the end of the run")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args()
     if args.messages < 1 or args.concurrency < 1:
@@ -507,6 +585,8 @@ def main() -> int:
             raise RuntimeError(f"server died during the run:\n{tail(server_log)}")
         if dns.errors:
             log(f"DNS server hit {len(dns.errors)} error(s): {dns.errors[0]}")
+        if server_log.stat().st_size:
+            log(f"server log (WARNING and up), last lines:\n{tail(server_log, 10)}")
         print(json.dumps(result), flush=True)
         return 0 if result["delivered"] == args.messages and not result["errors"] else 1
     except Exception as exc:  # noqa: BLE001 - report, clean up, non-zero exit
