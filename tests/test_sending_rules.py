@@ -261,3 +261,25 @@ async def test_message_query_shape(stack: Stack, smtp_sink: Any) -> None:
     conn = listing["data"]["messages"]
     assert [e["node"]["id"] for e in conn["edges"]] == [msg["id"]]
     assert conn["pageInfo"]["hasNextPage"] is False
+
+
+async def test_messages_pagination_walks_every_message_once(stack: Stack, smtp_sink: Any
+                                                            ) -> None:
+    tenant = await make_tenant(stack.services, stack.dns)
+    route_to_sink(stack.dns, "dest.test")
+    sent = [(await _send(stack, tenant, [f"u{i}@dest.test"]))["message"]["id"]
+            for i in range(7)]
+    seen: list[str] = []
+    after = None
+    for _ in range(10):
+        page = await stack.api(
+            "query($a: String) { messages(first: 3, after: $a) { edges { cursor node { id } } "
+            "pageInfo { hasNextPage endCursor } } }", {"a": after}, key=tenant.key)
+        conn = page["data"]["messages"]
+        seen += [e["node"]["id"] for e in conn["edges"]]
+        if not conn["pageInfo"]["hasNextPage"]:
+            break
+        after = conn["pageInfo"]["endCursor"]
+    assert seen == list(reversed(sent))
+    bad = await stack.api('{ messages(after: "msg_nope") { edges { cursor } } }', key=tenant.key)
+    assert bad["errors"][0]["extensions"]["code"] == "VALIDATION"

@@ -115,14 +115,23 @@ class Query:
                        ) -> MessageConnection:
         p = await info.context.principal("read")
         size = _page_size(first)
-        rows = await info.context.services.db.one(
-            "SELECT * FROM message WHERE org = $org"
-            " AND ($status = NONE OR status = $status)"
-            " AND ($after = NONE OR meta::id(id) < $after)"
-            " ORDER BY id DESC LIMIT $limit",
-            {"org": p.org, "status": status.value if status else None, "after": after,
-             "limit": size + 1})
-        rows = rows or []
+        db = info.context.services.db
+        # Only conditions that apply, so the (org, created_at) index bounds the scan.
+        where = ["org = $org"]
+        params: dict[str, Any] = {"org": p.org, "limit": size + 1}
+        if status is not None:
+            where.append("status = $status")
+            params["status"] = status.value
+        if after:
+            cursor = await db.one(
+                "SELECT VALUE created_at FROM ONLY type::thing('message', $id) WHERE org = $org",
+                {"id": after, "org": p.org})
+            if not cursor:
+                raise ValidationError("after is not a cursor of this list", field=["after"])
+            where.append("created_at <= $at AND (created_at < $at OR meta::id(id) < $after)")
+            params.update(at=cursor, after=after)
+        rows = await db.one(f"SELECT * FROM message WHERE {' AND '.join(where)}"
+                            " ORDER BY created_at DESC, id DESC LIMIT $limit", params) or []
         edges = [MessageEdge(cursor=r["id"], node=Message.of(r)) for r in rows[:size]]
         return MessageConnection(edges=edges, page_info=PageInfo(
             has_next_page=len(rows) > size, end_cursor=edges[-1].cursor if edges else None))
