@@ -94,6 +94,10 @@ class JobOutcome:
     detail: str = ""
 
 
+# A job's message row, raw bytes and recipients still to deliver.
+Loaded = tuple[dict[str, Any] | None, bytes | None, list[dict[str, Any]]]
+
+
 class Queue:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -106,8 +110,7 @@ class Queue:
         })
         return rows or []
 
-    async def load(self, job: dict[str, Any]) -> tuple[dict[str, Any] | None, bytes | None,
-                                                         list[dict[str, Any]]]:
+    async def load(self, job: dict[str, Any]) -> Loaded:
         """The message row, its raw bytes and this job's recipients still to deliver."""
         message, raw, rcpts = await self.db.run(
             "SELECT * FROM ONLY type::thing('message', $m);"
@@ -116,6 +119,26 @@ class Queue:
             {"m": job["message"], "job": job["id"]},
         )
         return message, raw, rcpts or []
+
+    async def load_many(self, jobs: list[dict[str, Any]]) -> dict[str, Loaded]:
+        """`load` for a whole leased batch in one round trip (direct and indexed lookups)."""
+        if not jobs:
+            return {}
+        message_ids = sorted({j["message"] for j in jobs})
+        messages, raws, rcpts = await self.db.run(
+            "SELECT * FROM $messages;"
+            "SELECT meta::id(id) AS id, raw FROM $raws;"
+            "SELECT * FROM recipient WHERE job IN $jobs AND status IN ['QUEUED', 'DEFERRED'];",
+            {"messages": [RecordID("message", m) for m in message_ids],
+             "raws": [RecordID("message_raw", m) for m in message_ids],
+             "jobs": [j["id"] for j in jobs]})
+        by_message = {m["id"]: m for m in messages or []}
+        raw_by_message = {r["id"]: r["raw"] for r in raws or []}
+        by_job: dict[str, list[dict[str, Any]]] = {}
+        for row in rcpts or []:
+            by_job.setdefault(row["job"], []).append(row)
+        return {j["id"]: (by_message.get(j["message"]), raw_by_message.get(j["message"]),
+                          by_job.get(j["id"], [])) for j in jobs}
 
     async def complete(self, outcome: JobOutcome, owner: str, now: datetime) -> bool:
         """Record one attempt's results; returns False when our lease was lost meanwhile."""

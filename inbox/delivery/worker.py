@@ -21,7 +21,7 @@ from opentelemetry import trace
 
 from inbox.delivery.bounces import suppression_scope
 from inbox.delivery.mx import NullMx, mx_hosts
-from inbox.delivery.queue import JobOutcome, Queue, RecipientOutcome, backoff
+from inbox.delivery.queue import JobOutcome, Loaded, Queue, RecipientOutcome, backoff
 from inbox.delivery.signers import SignerCache
 from inbox.delivery.transport import AttemptResult, RecipientResult
 from inbox.errors import DnsNotFound, DnsTemporary, InboxError
@@ -136,8 +136,13 @@ class DeliveryWorker:
                         log.exception("lease failed; retrying after the poll interval")
                         jobs = []
                     leased = len(jobs)
+                    try:
+                        loaded = await self.queue.load_many(jobs)
+                    except InboxError:
+                        log.exception("loading leased jobs failed; each job loads on its own")
+                        loaded = {}
                     for job in jobs:
-                        task = asyncio.create_task(self._guarded(job))
+                        task = asyncio.create_task(self._guarded(job, loaded.get(job["id"])))
                         self._tasks.add(task)
                         task.add_done_callback(self._task_done)
                 if loop.time() >= self._next_cleanup:
@@ -179,20 +184,20 @@ class DeliveryWorker:
         except InboxError:
             log.exception("cleanup failed")
 
-    async def _guarded(self, job: dict[str, Any]) -> None:
+    async def _guarded(self, job: dict[str, Any], loaded: Loaded | None = None) -> None:
         try:
-            await self.process(job)
+            await self.process(job, loaded)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - worker loop edge: log, the lease expires and retries
             log.exception("job %s failed unexpectedly; it will be retried after its lease",
                           job.get("id"))
 
-    async def process(self, job: dict[str, Any]) -> None:
+    async def process(self, job: dict[str, Any], loaded: Loaded | None = None) -> None:
         with tracer.start_as_current_span("delivery.job") as span:
             span.set_attribute("inbox.job", job["id"])
             span.set_attribute("inbox.rcpt_domain", job["rcpt_domain"])
-            message, raw, rcpts = await self.queue.load(job)
+            message, raw, rcpts = loaded or await self.queue.load(job)
             if message is None or raw is None or not rcpts:
                 await self._completer.complete(JobOutcome(job))
                 return
