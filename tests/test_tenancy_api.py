@@ -207,3 +207,9 @@ async def test_graphql_type_errors_are_reported_not_500(stack: Stack) -> None:
     resp = await stack.api.client.post("/graphql", content=b"{not json",
                                        headers={"Content-Type": "application/json"})
     assert resp.status_code == 400
+
+
+async def test_graphiql_on_get_and_health(stack: Stack) -> None:
+    resp = await stack.api.client.get("/graphql", headers={"Accept": "text/html"})
+    assert resp.status_code == 200 and "graphiql" in resp.text.lower()
+    assert (await stack.api.client.get("/healthz")).json() == {"status": "ok"}
