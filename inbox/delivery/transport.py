@@ -1,6 +1,5 @@
-"""Outbound SMTP client: one delivery attempt of one message to one recipient domain's MX hosts.
-
-Does not resolve DNS or touch the database.
+"""Outbound SMTP client: one delivery attempt of one message to one recipient domain's MX hosts,
+over pooled sessions. Does not resolve DNS or touch the database.
 
 `SmtpTransport.deliver` never raises for SMTP or network trouble; it returns an `AttemptResult`
 with one `RecipientResult` per recipient:
@@ -15,6 +14,17 @@ with one `RecipientResult` per recipient:
   a connection lost during DATA leaves the accepted recipients temporary (a duplicate is
   better than a loss, RFC 5321 §6.1).
 
+Sessions are reused (a fresh connect, EHLO and STARTTLS per message costs more than the
+message). Each transport keeps idle sessions per (host, port, TLS name, relay): after a
+transaction the server answered in full, the session goes back to the pool (RSET first if a
+transaction is still open; after a completed DATA the next MAIL may follow directly, RFC 5321
+§4.1.1.4) instead of QUIT, within `max_idle_secs`, `max_messages_per_connection` and
+`max_connections_per_endpoint`. A session left in an unknown state (timeout, connection lost,
+anything raised mid-command) is closed. A pooled session may have died while idle: if its MAIL
+FROM fails with 421 or a connection error, nothing was accepted, so it is dropped and the host
+is tried once more on a fresh connection, as if the pool had been empty. Nothing is retried
+once DATA was sent. `aclose()` closes every pooled session (the worker calls it on shutdown).
+
 Hosts are strings or objects with a `.host` attribute (e.g. `inbox.delivery.mx.MxHost`). An
 object may also carry a `.port`, overriding the transport's port: an affordance for tests and
 relays, since real MX hosts all listen on 25.
@@ -26,6 +36,7 @@ import asyncio
 import logging
 import re
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Protocol
@@ -223,6 +234,13 @@ class _Endpoint(NamedTuple):
         return self.name or self.host
 
 
+class _PoolKey(NamedTuple):
+    host: str
+    port: int
+    tls_name: str
+    relay: bool
+
+
 class _HostFailed(Exception):
     """This host cannot be used for this attempt; try the next one."""
 
@@ -238,28 +256,53 @@ class _HostFailed(Exception):
         self.tls_handshake = tls_handshake
 
 
+class _StaleSession(_HostFailed):
+    """A pooled session failed its MAIL FROM (421 or connection error): it died while idle.
+    Nothing was accepted on it, so a fresh connection to the same host may be tried."""
+
+
 @dataclass
 class _Connection:
-    """An open, greeted (and possibly TLS-upgraded and authenticated) session; a pool would
-    keep these between `deliver` calls and RSET instead of QUIT."""
+    """An open, greeted (and possibly TLS-upgraded and authenticated) session."""
 
     endpoint: _Endpoint
     smtp: SMTP
     tls: TlsOutcome
+    transactions: int = 0  # MAIL commands sent on this session
+    ready: bool = False  # the last transaction left the session ready for a new MAIL
+    idle_since: float = 0.0
 
 
 _TlsMode = Literal["off", "opportunistic", "required"]
 
 
 class SmtpTransport:
-    """Delivers one message per `deliver` call over SMTP. Holds no connection between calls."""
+    """Delivers one message per `deliver` call over SMTP, reusing idle sessions per endpoint.
+
+    Pool limits: a session idle for more than `max_idle_secs` is closed (checked whenever a
+    session is taken or returned); one that has carried `max_messages_per_connection`
+    transactions is closed with QUIT; at most `max_connections_per_endpoint` idle sessions are
+    kept per endpoint (concurrent deliveries beyond that open extra connections, closed after
+    use). `max_connections_per_endpoint=0` turns pooling off. `clock` is a monotonic clock in
+    seconds. Call `aclose()` when done.
+    """
 
     def __init__(self, helo_name: str, port: int = 25, timeout: float = 60,
                  relay: RelayConfig | None = None,
                  tls_context_factory: TlsContextFactory | None = None,
-                 source_address: str | None = None) -> None:
+                 source_address: str | None = None, *, max_idle_secs: float = 30,
+                 max_messages_per_connection: int = 100, max_connections_per_endpoint: int = 8,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if not helo_name or not helo_name.isascii() or any(c.isspace() for c in helo_name):
             raise ValueError(f"helo_name {helo_name!r} must be an ASCII host name")
+        if not max_idle_secs >= 0:
+            raise ValueError(f"max_idle_secs {max_idle_secs!r} must be >= 0")
+        if max_messages_per_connection < 1:
+            raise ValueError(f"max_messages_per_connection {max_messages_per_connection} "
+                             "must be >= 1")
+        if max_connections_per_endpoint < 0:
+            raise ValueError(f"max_connections_per_endpoint {max_connections_per_endpoint} "
+                             "must be >= 0")
         self.helo_name = helo_name
         self.port = port
         self.timeout = timeout
@@ -268,6 +311,14 @@ class SmtpTransport:
         self._tls_context_factory = tls_context_factory
         self._opportunistic = opportunistic_tls_context()
         self._verifying: ssl.SSLContext | None = None
+        self.max_idle_secs = max_idle_secs
+        self.max_messages_per_connection = max_messages_per_connection
+        self.max_connections_per_endpoint = max_connections_per_endpoint
+        self._clock = clock
+        self._idle: dict[_PoolKey, list[_Connection]] = {}  # oldest first
+        self._next_sweep = 0.0
+        self._closing: set[asyncio.Task[None]] = set()  # QUITs sent in the background
+        self._closed = False
 
     async def deliver(self, hosts: Sequence[str | HostLike], mail_from: str,
                       recipients: Sequence[str], raw: bytes, *, smtputf8: bool = False
@@ -283,25 +334,109 @@ class SmtpTransport:
         failures: list[tuple[_Endpoint, _HostFailed]] = []
         for endpoint in self._endpoints(hosts):
             try:
-                conn = await self._connect(endpoint)
+                conn, results = await self._deliver_to(endpoint, mail_from, rcpts, raw,
+                                                       smtputf8)
             except _HostFailed as exc:
                 log.info("smtp %s:%s unusable: %s", endpoint.host, endpoint.port, exc.text)
                 failures.append((endpoint, exc))
                 continue
-            try:
-                results = await self._transaction(conn, mail_from, rcpts, raw, smtputf8)
-            except _HostFailed as exc:
-                conn.smtp.close()
-                log.info("smtp %s:%s failed before DATA: %s", endpoint.host, endpoint.port,
-                         exc.text)
-                failures.append((endpoint, exc))
-                continue
-            except BaseException:  # cancelled: drop the connection, no polite QUIT
-                conn.smtp.close()
-                raise
-            await self._close(conn)
             return AttemptResult(results, endpoint.host, conn.tls, None)
         return _unreachable(rcpts, failures)
+
+    async def close_idle(self) -> None:
+        """Close every idle pooled session (with QUIT). The transport stays usable."""
+        idle = [conn for conns in self._idle.values() for conn in conns]
+        self._idle.clear()
+        await asyncio.gather(*(self._close(conn) for conn in idle))
+
+    async def aclose(self) -> None:
+        """Close every pooled session and wait for closes under way. Later deliveries still
+        work, on sessions that are closed after use."""
+        self._closed = True
+        await self.close_idle()
+        while self._closing:
+            await asyncio.gather(*self._closing)
+
+    async def _deliver_to(self, endpoint: _Endpoint, mail_from: str, rcpts: list[str],
+                          raw: bytes, smtputf8: bool
+                          ) -> tuple[_Connection, list[RecipientResult]]:
+        """One transaction with this endpoint, on a pooled session if there is one.
+
+        Raises `_HostFailed` when the host cannot be used (nothing was sent after DATA).
+        """
+        key = self._pool_key(endpoint)
+        pooled = self._take(key)
+        if pooled is not None:
+            try:
+                return pooled, await self._run(pooled, mail_from, rcpts, raw, smtputf8)
+            except _StaleSession as exc:
+                # Nothing was accepted: the same as if the pool had been empty.
+                log.info("smtp %s:%s pooled session unusable, reconnecting: %s",
+                         endpoint.host, endpoint.port, exc.text)
+        conn = await self._connect(endpoint)
+        return conn, await self._run(conn, mail_from, rcpts, raw, smtputf8)
+
+    async def _run(self, conn: _Connection, mail_from: str, rcpts: list[str], raw: bytes,
+                   smtputf8: bool) -> list[RecipientResult]:
+        try:
+            results = await self._transaction(conn, mail_from, rcpts, raw, smtputf8)
+        except BaseException:  # host failed, or cancelled: unknown state, no polite QUIT
+            conn.smtp.close()
+            raise
+        self._release(conn)
+        return results
+
+    def _pool_key(self, endpoint: _Endpoint) -> _PoolKey:
+        return _PoolKey(endpoint.host, endpoint.port, endpoint.tls_name, self.relay is not None)
+
+    def _take(self, key: _PoolKey) -> _Connection | None:
+        self._sweep(self._clock())
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()  # the most recently used: the least likely to have timed out
+            if conn.smtp.is_connected:
+                return conn
+            conn.smtp.close()  # the server hung up while it was idle
+        return None
+
+    def _release(self, conn: _Connection) -> None:
+        """Pool a session the transaction left ready for MAIL, or close it."""
+        if not conn.ready or not conn.smtp.is_connected:
+            conn.smtp.close()  # unknown state: the server may still answer an old command
+            return
+        now = self._clock()
+        self._sweep(now)
+        key = self._pool_key(conn.endpoint)
+        idle = self._idle.setdefault(key, [])
+        if (self._closed or conn.transactions >= self.max_messages_per_connection
+                or len(idle) >= self.max_connections_per_endpoint or self.max_idle_secs <= 0):
+            self._quit_later(conn)
+            if not idle:
+                del self._idle[key]
+            return
+        conn.idle_since = now
+        idle.append(conn)
+
+    def _sweep(self, now: float) -> None:
+        """Close sessions idle for longer than `max_idle_secs`, at most about once a second."""
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + min(1.0, self.max_idle_secs)
+        cutoff = now - self.max_idle_secs
+        for key, idle in list(self._idle.items()):
+            while idle and idle[0].idle_since <= cutoff:
+                self._quit_later(idle.pop(0))
+            if not idle:
+                del self._idle[key]
+
+    def _quit_later(self, conn: _Connection) -> None:
+        # QUIT in the background so no delivery waits for another session's goodbye.
+        if not conn.smtp.is_connected:
+            conn.smtp.close()
+            return
+        task = asyncio.get_running_loop().create_task(self._close(conn))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _endpoints(self, hosts: Sequence[str | HostLike]) -> list[_Endpoint]:
         if self.relay is not None:
@@ -419,11 +554,15 @@ class SmtpTransport:
         """MAIL, RCPT for each recipient, DATA for the accepted ones.
 
         Raises `_HostFailed` only before any DATA was sent (421 or connection lost), so the
-        caller may safely try another host.
+        caller may safely try another host; `_StaleSession` when that happens to the MAIL of a
+        reused session. On return, `conn.ready` says whether a new MAIL may follow.
         """
         smtp = conn.smtp
+        conn.ready = False
+        reused = conn.transactions > 0
         if smtputf8 and not smtp.supports_extension("smtputf8"):
             # RFC 6531 §3.2: an internationalized envelope cannot go to a server without it.
+            conn.ready = True
             return [_synthetic(a, 553, "5.6.7", "remote server does not support SMTPUTF8")
                     for a in rcpts]
         options = []
@@ -434,17 +573,21 @@ class SmtpTransport:
         if smtputf8:
             options.append("SMTPUTF8")  # RFC 6531 §3.4
         encoding = "utf-8" if smtputf8 else "ascii"
+        failed = _StaleSession if reused else _HostFailed
 
+        conn.transactions += 1
         try:
             await smtp.mail(mail_from, options=options, encoding=encoding)
         except SMTPSenderRefused as exc:
             if exc.code == 421:
-                raise _HostFailed(f"MAIL {_describe(exc)}") from None
+                raise failed(f"MAIL {_describe(exc)}") from None
+            conn.ready = True  # RFC 5321 §3.3: only an accepted MAIL starts a transaction
             return [_from_reply(a, exc.code, exc.message) for a in rcpts]
-        except ValueError as exc:  # not encodable / control characters
+        except ValueError as exc:  # not encodable / control characters: nothing was sent
+            conn.ready = True
             return [_synthetic(a, 553, "5.1.7", f"bad sender address: {exc}") for a in rcpts]
         except (SMTPException, OSError) as exc:
-            raise _HostFailed(f"MAIL: {_describe(exc)}") from None
+            raise failed(f"MAIL: {_describe(exc)}") from None
 
         results: list[RecipientResult | None] = []
         accepted: list[int] = []
@@ -465,15 +608,18 @@ class SmtpTransport:
             results.append(None)
 
         if not accepted:
-            await _reset(smtp)
+            conn.ready = await _reset(smtp)  # RFC 5321 §4.1.1.5: abort the open transaction
             return [r for r in results if r is not None]
 
         code, message, delivered, lost = 0, "", False, None
         try:
             response = await smtp.data(raw)
             code, message, delivered = response.code, response.message, True
+            conn.ready = True  # RFC 5321 §4.1.1.4: the transaction is over
         except SMTPDataError as exc:  # RFC 5321 §4.2.5: one reply for all accepted recipients
             code, message = exc.code, exc.message
+            # The refusal may have been to the DATA command itself, leaving MAIL and RCPT open.
+            conn.ready = await _reset(smtp)
         except (SMTPException, OSError) as exc:
             # No 2xx to the end of data: never delivered. The server may have it anyway; a
             # retry may duplicate (RFC 5321 §6.1), which beats losing it.
@@ -496,12 +642,15 @@ class SmtpTransport:
             smtp.close()
 
 
-async def _reset(smtp: SMTP) -> None:
-    if smtp.is_connected:
-        try:
-            await smtp.rset()
-        except (SMTPException, OSError):
-            pass
+async def _reset(smtp: SMTP) -> bool:
+    """RSET; whether the session is ready for a new MAIL."""
+    if not smtp.is_connected:
+        return False
+    try:
+        await smtp.rset()
+    except (SMTPException, OSError):
+        return False
+    return True
 
 
 def _unreachable(rcpts: list[str], failures: list[tuple[_Endpoint, _HostFailed]]

@@ -308,12 +308,23 @@ class ErrorCodes(SchemaExtension):
                                   "field": original.field}
 
 
+class InboxSchema(strawberry.Schema):
+    """Logs only unexpected errors: a user error or a bad query is the client's, not ours."""
+
+    def process_errors(self, errors: list[GraphQLError],
+                       execution_context: Any = None) -> None:
+        unexpected = [e for e in errors if e.original_error is not None
+                      and not isinstance(e.original_error, (InboxError, GraphQLError))]
+        if unexpected:
+            super().process_errors(unexpected, execution_context)
+
+
 def build_schema() -> strawberry.Schema:
     # The caches are shared by every request (ENGINE-NOTES: ~3x throughput), so the factories
     # hand out one instance each; a fresh instance per request would cache nothing.
     parser_cache = ParserCache(maxsize=256)
     validation_cache = ValidationCache(maxsize=256)
-    return strawberry.Schema(
+    return InboxSchema(
         query=Query, mutation=Mutation,
         extensions=[lambda: parser_cache, lambda: validation_cache,
                     lambda: MaskErrors(should_mask_error=_should_mask), ErrorCodes],
