@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from tests.conftest import (
     MESSAGE,
     SEND,
@@ -219,33 +221,28 @@ async def test_second_mx_used_when_first_refuses(stack: Stack, smtp_sink: Any) -
     assert msg["recipients"][0]["attempts"] == 1
 
 
-async def test_ttl_expiry(tmp_path: Any, dns_server: Any, smtp_sink: Any) -> None:
+@pytest.mark.parametrize(("limit", "reply", "attempts"), [
+    ({"SMTP_OUTBOUND_TTL_SECS": 1}, "451 4.3.0 try again later", None),
+    ({"SMTP_OUTBOUND_MAX_ATTEMPTS": 3}, "452 4.2.2 mailbox full", 3),
+], ids=["ttl", "max-attempts"])
+async def test_expiry(tmp_path: Any, dns_server: Any, smtp_sink: Any, limit: dict[str, int],
+                      reply: str, attempts: int | None) -> None:
     settings = make_settings(tmp_path, dns_server, SMTP_OUTBOUND_PORT=smtp_sink.port,
-                             SMTP_OUTBOUND_TTL_SECS=1, INBOX_DB_SYNC="false")
-    smtp_sink.data_reply = "451 4.3.0 try again later"
+                             INBOX_DB_SYNC="false", **limit)
+    smtp_sink.data_reply = reply
     async with run_stack(settings, dns_server) as stack:
         tenant = await make_tenant(stack.services, dns_server)
         route_to_sink(dns_server, "dest.test")
         payload = await _send(stack, tenant, ["a@dest.test"])
         msg = await wait_status(stack.api, tenant.key, payload["message"]["id"], {"FAILED"})
         rcpt = msg["recipients"][0]
-        assert rcpt["status"] == "EXPIRED" and rcpt["lastResponse"].startswith("451")
-        assert rcpt["attempts"] >= 2
-
-
-async def test_max_attempts_expiry(tmp_path: Any, dns_server: Any, smtp_sink: Any) -> None:
-    settings = make_settings(tmp_path, dns_server, SMTP_OUTBOUND_PORT=smtp_sink.port,
-                             SMTP_OUTBOUND_MAX_ATTEMPTS=3, INBOX_DB_SYNC="false")
-    smtp_sink.data_reply = "452 4.2.2 mailbox full"
-    async with run_stack(settings, dns_server) as stack:
-        tenant = await make_tenant(stack.services, dns_server)
-        route_to_sink(dns_server, "dest.test")
-        payload = await _send(stack, tenant, ["a@dest.test"])
-        msg = await wait_status(stack.api, tenant.key, payload["message"]["id"], {"FAILED"})
-        assert msg["recipients"][0]["attempts"] == 3
-        assert msg["recipients"][0]["status"] == "EXPIRED"
-        jobs = await stack.services.db.one("SELECT status FROM job")
-        assert [j["status"] for j in jobs] == ["dead"]
+        assert rcpt["status"] == "EXPIRED" and rcpt["lastResponse"] == reply
+        if attempts is None:
+            assert rcpt["attempts"] >= 2
+        else:
+            assert rcpt["attempts"] == attempts
+        jobs = await stack.services.db.one("SELECT VALUE status FROM job")
+        assert jobs == ["dead"]
 
 
 async def test_message_query_shape(stack: Stack, smtp_sink: Any) -> None:
