@@ -90,6 +90,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
         try:
             await asyncio.gather(*(services.worker().run(stop) for _ in range(args.count)))
         finally:
+            await services.transport.aclose()
             await services.db.close()
 
     asyncio.run(run())

@@ -100,6 +100,9 @@ async def running_workers(services: Services, count: int = 1) -> AsyncIterator[N
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+        aclose = getattr(services.transport, "aclose", None)
+        if aclose is not None:
+            await aclose()  # pooled SMTP sessions: QUIT politely
 
 
 def create_app(settings: Settings, *, workers: bool = True, **overrides: Any) -> Any:

@@ -6,12 +6,13 @@ import asyncio
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
 
 from inbox.delivery.transport import (
+    AttemptResult,
     RecipientResult,
     RelayConfig,
     SmtpTransport,
@@ -29,6 +30,7 @@ from tests.support.smtpsink import SmtpSink, make_self_signed_cert, make_self_si
 # ruff: noqa: F811 - pytest injects the imported fixtures by parameter name.
 
 MakeSink = Callable[..., SmtpSink]
+MakeTransport = Callable[..., SmtpTransport]
 RAW = (b"From: a@sender.test\r\nTo: ok@x.test\r\nSubject: hi\r\n\r\n"
        b"line one\r\n.leading dot\r\n..two dots\r\n.\r\nlast\r\n")
 
@@ -41,9 +43,24 @@ class Host:
     port: int | None = None
 
 
-def transport(**kwargs: object) -> SmtpTransport:
-    kwargs.setdefault("timeout", 5)
-    return SmtpTransport("client.test", **kwargs)  # type: ignore[arg-type]
+@pytest.fixture
+async def transport() -> AsyncIterator[MakeTransport]:
+    """Make `SmtpTransport`s (timeout 5 s unless given); each is `aclose`d after the test."""
+    made: list[SmtpTransport] = []
+
+    def make(**kwargs: object) -> SmtpTransport:
+        kwargs.setdefault("timeout", 5)
+        client = SmtpTransport("client.test", **kwargs)  # type: ignore[arg-type]
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        await client.aclose()
+    if made:
+        # The sink answered QUIT and is closing its side; aiosmtpd's Controller.stop() would
+        # abandon (leak) a session socket it has not closed yet.
+        await asyncio.sleep(0.05)
 
 
 def at(sink: SmtpSink) -> Host:
@@ -59,7 +76,8 @@ def silent_port() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
-async def test_delivered_and_bytes_arrive_intact(smtp_sink: SmtpSink) -> None:
+async def test_delivered_and_bytes_arrive_intact(
+        smtp_sink: SmtpSink, transport: MakeTransport) -> None:
     result = await transport().deliver([at(smtp_sink)], "bounce@sender.test", ["ok@x.test"], RAW)
     assert result.connection_error is None
     assert result.host == "127.0.0.1"
@@ -74,14 +92,15 @@ async def test_delivered_and_bytes_arrive_intact(smtp_sink: SmtpSink) -> None:
     assert message.tls is False
 
 
-async def test_port_from_transport_for_plain_host_strings(smtp_sink: SmtpSink) -> None:
+async def test_port_from_transport_for_plain_host_strings(
+        smtp_sink: SmtpSink, transport: MakeTransport) -> None:
     result = await transport(port=smtp_sink.port).deliver(
         ["127.0.0.1."], "", ["ok@x.test"], RAW)  # trailing dot of a DNS name; null sender
     assert result.recipients[0].delivered
     assert smtp_sink.messages[0].mail_from == ""
 
 
-async def test_eight_bit_body_uses_8bitmime(smtp_sink: SmtpSink) -> None:
+async def test_eight_bit_body_uses_8bitmime(smtp_sink: SmtpSink, transport: MakeTransport) -> None:
     raw = "Subject: café\r\n\r\nnaïve\r\n".encode()
     result = await transport().deliver([at(smtp_sink)], "a@sender.test", ["ok@x.test"], raw)
     assert result.recipients[0].delivered
@@ -90,7 +109,8 @@ async def test_eight_bit_body_uses_8bitmime(smtp_sink: SmtpSink) -> None:
     assert message.data == raw
 
 
-async def test_per_recipient_replies_and_data_only_for_accepted(smtp_sink: SmtpSink) -> None:
+async def test_per_recipient_replies_and_data_only_for_accepted(
+        smtp_sink: SmtpSink, transport: MakeTransport) -> None:
     smtp_sink.rcpt_replies = {"gone@x.test": "550 5.1.1 No such user",
                               "later@x.test": "451 4.2.0 Mailbox busy"}
     result = await transport().deliver([at(smtp_sink)], "a@sender.test",
@@ -106,7 +126,8 @@ async def test_per_recipient_replies_and_data_only_for_accepted(smtp_sink: SmtpS
     assert message.rcpt_tos == ["ok@x.test"]
 
 
-async def test_no_recipient_accepted_sends_no_data(smtp_sink: SmtpSink) -> None:
+async def test_no_recipient_accepted_sends_no_data(
+        smtp_sink: SmtpSink, transport: MakeTransport) -> None:
     smtp_sink.rcpt_replies = {"gone@x.test": "550 5.1.1 No such user"}
     smtp_sink.data_reply = "554 5.0.0 DATA must not be reached"
     result = await transport().deliver([at(smtp_sink)], "a@sender.test", ["gone@x.test"], RAW)
@@ -119,7 +140,7 @@ async def test_no_recipient_accepted_sends_no_data(smtp_sink: SmtpSink) -> None:
     ("554 5.6.0 content rejected", False),
 ], ids=["data-451-temporary", "data-554-permanent"])
 async def test_data_reply_applies_to_all_accepted(
-        smtp_sink: SmtpSink, data_reply: str, temporary: bool) -> None:
+        smtp_sink: SmtpSink, data_reply: str, temporary: bool, transport: MakeTransport) -> None:
     smtp_sink.rcpt_replies = {"gone@x.test": "550 5.1.1 No such user"}
     smtp_sink.data_reply = data_reply
     result = await transport().deliver([at(smtp_sink)], "a@sender.test",
@@ -132,7 +153,7 @@ async def test_data_reply_applies_to_all_accepted(
     assert smtp_sink.messages == []
 
 
-async def test_fail_next_data_then_accept(smtp_sink: SmtpSink) -> None:
+async def test_fail_next_data_then_accept(smtp_sink: SmtpSink, transport: MakeTransport) -> None:
     smtp_sink.fail_next_data = 1
     client = transport()
     first = await client.deliver([at(smtp_sink)], "a@sender.test", ["ok@x.test"], RAW)
@@ -142,7 +163,8 @@ async def test_fail_next_data_then_accept(smtp_sink: SmtpSink) -> None:
     assert len(smtp_sink.messages) == 1
 
 
-async def test_mail_from_rejected_applies_to_all(smtp_sink: SmtpSink) -> None:
+async def test_mail_from_rejected_applies_to_all(
+        smtp_sink: SmtpSink, transport: MakeTransport) -> None:
     smtp_sink.mail_reply = "553 5.7.1 Sender address rejected"
     result = await transport().deliver([at(smtp_sink)], "a@sender.test",
                                        ["ok@x.test", "ok2@x.test"], RAW)
@@ -151,7 +173,8 @@ async def test_mail_from_rejected_applies_to_all(smtp_sink: SmtpSink) -> None:
     assert smtp_sink.messages == []
 
 
-async def test_refused_first_host_then_second(smtp_sink: SmtpSink, refused_port: int) -> None:
+async def test_refused_first_host_then_second(
+        smtp_sink: SmtpSink, refused_port: int, transport: MakeTransport) -> None:
     result = await transport().deliver(
         [Host("127.0.0.1", refused_port), at(smtp_sink)], "a@sender.test", ["ok@x.test"], RAW)
     assert result.recipients[0].delivered
@@ -159,13 +182,15 @@ async def test_refused_first_host_then_second(smtp_sink: SmtpSink, refused_port:
     assert len(smtp_sink.messages) == 1
 
 
-async def test_silent_host_times_out_then_next(smtp_sink: SmtpSink, silent_port: int) -> None:
+async def test_silent_host_times_out_then_next(
+        smtp_sink: SmtpSink, silent_port: int, transport: MakeTransport) -> None:
     result = await transport(timeout=0.3).deliver(
         [Host("127.0.0.1", silent_port), at(smtp_sink)], "a@sender.test", ["ok@x.test"], RAW)
     assert result.recipients[0].delivered
 
 
-async def test_all_hosts_down_all_temporary(refused_port: int, silent_port: int) -> None:
+async def test_all_hosts_down_all_temporary(
+        refused_port: int, silent_port: int, transport: MakeTransport) -> None:
     result = await transport(timeout=0.3).deliver(
         [Host("127.0.0.1", refused_port), Host("127.0.0.1", silent_port)],
         "a@sender.test", ["a@x.test", "b@x.test"], RAW)
@@ -179,18 +204,19 @@ async def test_all_hosts_down_all_temporary(refused_port: int, silent_port: int)
         assert f":{silent_port}:" in rcpt.text  # the last error
 
 
-async def test_no_hosts_is_temporary() -> None:
+async def test_no_hosts_is_temporary(transport: MakeTransport) -> None:
     result = await transport().deliver([], "a@sender.test", ["a@x.test"], RAW)
     assert result.recipients[0].temporary and result.connection_error
 
 
-async def test_no_recipients_does_nothing(refused_port: int) -> None:
+async def test_no_recipients_does_nothing(refused_port: int, transport: MakeTransport) -> None:
     result = await transport().deliver([Host("127.0.0.1", refused_port)], "a@x.test", [], RAW)
     assert result.recipients == [] and result.connection_error is None
 
 
 @pytest.mark.parametrize("first", ["greeting-421", "refuse"])
-async def test_unusable_first_host_then_next(make_smtp_sink: MakeSink, first: str) -> None:
+async def test_unusable_first_host_then_next(
+        make_smtp_sink: MakeSink, first: str, transport: MakeTransport) -> None:
     bad, good = make_smtp_sink(), make_smtp_sink()
     if first == "refuse":
         bad.refuse = True
@@ -205,8 +231,9 @@ async def test_unusable_first_host_then_next(make_smtp_sink: MakeSink, first: st
     (["554 5.7.1 You are blocked", "554 No SMTP service here"], False),
     (["554 5.7.1 You are blocked", "421 4.3.2 Busy"], True),
 ], ids=["all-554-permanent", "554-and-421-temporary"])
-async def test_greeting_rejections(make_smtp_sink: MakeSink, greetings: list[str],
-                                   temporary: bool) -> None:
+async def test_greeting_rejections(
+        make_smtp_sink: MakeSink, greetings: list[str], temporary: bool,
+        transport: MakeTransport) -> None:
     sinks = [make_smtp_sink() for _ in greetings]
     for sink, greeting in zip(sinks, greetings, strict=True):
         sink.greeting_reply = greeting
@@ -220,7 +247,8 @@ async def test_greeting_rejections(make_smtp_sink: MakeSink, greetings: list[str
         assert rcpt.reply == "554 5.3.2 No SMTP service here"
 
 
-async def test_starttls_used_when_offered(smtp_sink_tls: SmtpSink) -> None:
+async def test_starttls_used_when_offered(
+        smtp_sink_tls: SmtpSink, transport: MakeTransport) -> None:
     result = await transport().deliver([at(smtp_sink_tls)], "a@sender.test", ["ok@x.test"], RAW)
     assert result.recipients[0].delivered
     assert result.tls.used and result.tls.version and result.tls.version.startswith("TLS")
@@ -229,7 +257,8 @@ async def test_starttls_used_when_offered(smtp_sink_tls: SmtpSink) -> None:
     assert message.tls is True and message.data == RAW
 
 
-async def test_tls_handshake_failure_retries_in_plaintext(make_smtp_sink: MakeSink) -> None:
+async def test_tls_handshake_failure_retries_in_plaintext(
+        make_smtp_sink: MakeSink, transport: MakeTransport) -> None:
     server = make_self_signed_context("sink.test")
     server.maximum_version = ssl.TLSVersion.TLSv1_2
     sink = make_smtp_sink(tls_context=server)
@@ -249,7 +278,8 @@ async def test_tls_handshake_failure_retries_in_plaintext(make_smtp_sink: MakeSi
     assert message.tls is False
 
 
-async def test_relay_with_auth_ignores_hosts(make_smtp_sink: MakeSink, refused_port: int) -> None:
+async def test_relay_with_auth_ignores_hosts(
+        make_smtp_sink: MakeSink, refused_port: int, transport: MakeTransport) -> None:
     relay = make_smtp_sink(auth_users={"user": "s3cret:@x"})
     config = RelayConfig.parse(f"user:s3cret:@x@127.0.0.1:{relay.port}", starttls=False)
     result = await transport(relay=config).deliver(
@@ -259,7 +289,8 @@ async def test_relay_with_auth_ignores_hosts(make_smtp_sink: MakeSink, refused_p
     assert message.auth_user == "user"
 
 
-async def test_relay_wrong_password_is_temporary(make_smtp_sink: MakeSink) -> None:
+async def test_relay_wrong_password_is_temporary(
+        make_smtp_sink: MakeSink, transport: MakeTransport) -> None:
     relay = make_smtp_sink(auth_users={"user": "right"})
     config = RelayConfig("127.0.0.1", relay.port, "user", "wrong", starttls=False)
     result = await transport(relay=config).deliver([], "a@sender.test", ["ok@x.test"], RAW)
@@ -270,7 +301,8 @@ async def test_relay_wrong_password_is_temporary(make_smtp_sink: MakeSink) -> No
     assert relay.messages == []
 
 
-async def test_relay_starttls_verifies_certificate(make_smtp_sink: MakeSink) -> None:
+async def test_relay_starttls_verifies_certificate(
+        make_smtp_sink: MakeSink, transport: MakeTransport) -> None:
     cert = make_self_signed_cert("relay.test")
     relay = make_smtp_sink(tls_context=make_self_signed_context("relay.test", cert),
                            auth_users={"user": "pw"})
@@ -291,7 +323,8 @@ async def test_relay_starttls_verifies_certificate(make_smtp_sink: MakeSink) -> 
     assert message.tls and message.auth_user == "user"
 
 
-async def test_relay_starttls_required_but_not_offered(smtp_sink: SmtpSink) -> None:
+async def test_relay_starttls_required_but_not_offered(
+        smtp_sink: SmtpSink, transport: MakeTransport) -> None:
     config = RelayConfig("127.0.0.1", smtp_sink.port)
     result = await transport(relay=config).deliver([], "a@sender.test", ["ok@x.test"], RAW)
     assert result.recipients[0].temporary
@@ -299,7 +332,8 @@ async def test_relay_starttls_required_but_not_offered(smtp_sink: SmtpSink) -> N
     assert smtp_sink.messages == []
 
 
-async def test_connection_dropped_during_data(smtp_sink: SmtpSink) -> None:
+async def test_connection_dropped_during_data(
+        smtp_sink: SmtpSink, transport: MakeTransport) -> None:
     smtp_sink.rcpt_replies = {"gone@x.test": "550 5.1.1 No such user"}
     smtp_sink.drop_next_data = 1
     result = await transport().deliver([at(smtp_sink)], "a@sender.test",
@@ -310,7 +344,8 @@ async def test_connection_dropped_during_data(smtp_sink: SmtpSink) -> None:
     assert result.host == "127.0.0.1"
 
 
-async def test_no_reply_to_data_in_time_is_not_delivered(smtp_sink: SmtpSink) -> None:
+async def test_no_reply_to_data_in_time_is_not_delivered(
+        smtp_sink: SmtpSink, transport: MakeTransport) -> None:
     smtp_sink.hold_data = threading.Event()
     try:
         result = await transport(timeout=0.5).deliver(
@@ -322,7 +357,7 @@ async def test_no_reply_to_data_in_time_is_not_delivered(smtp_sink: SmtpSink) ->
         smtp_sink.hold_data.set()
 
 
-async def test_cancelled_delivery_propagates(smtp_sink: SmtpSink) -> None:
+async def test_cancelled_delivery_propagates(smtp_sink: SmtpSink, transport: MakeTransport) -> None:
     smtp_sink.hold_data = threading.Event()
     task = asyncio.create_task(transport().deliver(
         [at(smtp_sink)], "a@sender.test", ["ok@x.test"], RAW))
@@ -335,7 +370,7 @@ async def test_cancelled_delivery_propagates(smtp_sink: SmtpSink) -> None:
         smtp_sink.hold_data.set()
 
 
-async def test_smtputf8_used_when_supported(smtp_sink: SmtpSink) -> None:
+async def test_smtputf8_used_when_supported(smtp_sink: SmtpSink, transport: MakeTransport) -> None:
     result = await transport().deliver([at(smtp_sink)], "sénder@sender.test", ["üser@x.test"],
                                        RAW, smtputf8=True)
     assert result.recipients[0].delivered
@@ -344,7 +379,8 @@ async def test_smtputf8_used_when_supported(smtp_sink: SmtpSink) -> None:
     assert "SMTPUTF8" in message.mail_options
 
 
-async def test_smtputf8_needed_but_unsupported_is_permanent(make_smtp_sink: MakeSink) -> None:
+async def test_smtputf8_needed_but_unsupported_is_permanent(
+        make_smtp_sink: MakeSink, transport: MakeTransport) -> None:
     sink = make_smtp_sink(smtputf8_supported=False)
     result = await transport().deliver([at(sink)], "a@sender.test", ["üser@x.test", "b@x.test"],
                                        RAW, smtputf8=True)
@@ -354,7 +390,7 @@ async def test_smtputf8_needed_but_unsupported_is_permanent(make_smtp_sink: Make
 
 
 async def test_non_ascii_address_without_smtputf8_fails_that_recipient(
-        smtp_sink: SmtpSink) -> None:
+        smtp_sink: SmtpSink, transport: MakeTransport) -> None:
     result = await transport().deliver([at(smtp_sink)], "a@sender.test",
                                        ["üser@x.test", "ok@x.test"], RAW)
     bad, ok = result.recipients
@@ -362,7 +398,7 @@ async def test_non_ascii_address_without_smtputf8_fails_that_recipient(
     assert ok.delivered
 
 
-async def test_concurrent_deliveries(smtp_sink: SmtpSink) -> None:
+async def test_concurrent_deliveries(smtp_sink: SmtpSink, transport: MakeTransport) -> None:
     client = transport()
     results = await asyncio.gather(*(
         client.deliver([at(smtp_sink)], "a@sender.test", [f"r{i}@x.test"], RAW)
@@ -417,3 +453,351 @@ def test_relay_password_not_in_repr() -> None:
 
 def test_reply_property() -> None:
     assert RecipientResult("a@x", 550, None, "nope", False, False).reply == "550 nope"
+
+
+# Session pooling. `Proxy` sits between the transport and a real sink: it counts the client's
+# connections and commands, and can hang up on sessions as a server would.
+
+_VERBS = (b"EHLO", b"HELO", b"STARTTLS", b"AUTH", b"MAIL", b"RCPT", b"DATA", b"RSET", b"QUIT")
+
+
+@dataclass(eq=False)
+class _Link:
+    client: asyncio.StreamWriter
+    upstream: asyncio.StreamWriter
+    hang_up: bytes | None = None  # on the next client bytes: send this (b"" = nothing), close
+
+    def close(self) -> None:
+        self.client.close()
+        self.upstream.close()
+
+
+class Proxy:
+    """A TCP relay on 127.0.0.1 in front of `target`, running in the test's event loop."""
+
+    def __init__(self, target: SmtpSink) -> None:
+        self.target = target
+        self.refuse = False  # close new connections at once
+        self.accepted = 0
+        self.commands: list[str] = []  # client command verbs, while readable (before TLS)
+        self.links: set[_Link] = set()
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def at(self) -> Host:
+        return Host("127.0.0.1", self.port)
+
+    def count(self, verb: str) -> int:
+        return self.commands.count(verb)
+
+    async def start(self) -> Proxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def drop_all(self) -> None:
+        """Hang up on every open session now, as a server's idle timeout would."""
+        for link in list(self.links):
+            link.close()
+
+    def hang_up_on_next_command(self, reply: bytes = b"") -> None:
+        """Each open session answers its next command with `reply` (if any) and hangs up: a
+        server that dropped it silently, or said 421 (RFC 5321 §3.8)."""
+        for link in self.links:
+            link.hang_up = reply
+
+    async def open_sessions(self, expected: int) -> None:
+        """Wait until exactly `expected` sessions are open."""
+        for _ in range(500):
+            if len(self.links) == expected:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{len(self.links)} sessions open, expected {expected}")
+
+    async def aclose(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        self.drop_all()
+        await asyncio.gather(*self._tasks)
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            self.accepted += 1
+            if self.refuse:
+                writer.close()
+                return
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target.port)
+            link = _Link(writer, up_writer)
+            self.links.add(link)
+            try:
+                await asyncio.gather(self._pump(reader, link, from_client=True),
+                                     self._pump(up_reader, link, from_client=False))
+            finally:
+                self.links.discard(link)
+                link.close()
+        finally:
+            self._tasks.discard(task)
+
+    async def _pump(self, reader: asyncio.StreamReader, link: _Link, *, from_client: bool
+                    ) -> None:
+        out = link.upstream if from_client else link.client
+        try:
+            while data := await reader.read(65536):
+                if from_client:
+                    if link.hang_up is not None:
+                        link.client.write(link.hang_up)
+                        await link.client.drain()
+                        return
+                    self.commands.extend(
+                        line.split()[0].decode() for line in data.split(b"\r\n")
+                        if line.split() and line.split()[0].upper() in _VERBS)
+                out.write(data)
+                await out.drain()
+        except OSError:
+            pass
+        finally:
+            link.close()
+
+
+@pytest.fixture
+async def make_proxy() -> AsyncIterator[Callable[[SmtpSink], Awaitable[Proxy]]]:
+    proxies: list[Proxy] = []
+
+    async def make(target: SmtpSink) -> Proxy:
+        proxy = await Proxy(target).start()
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        await proxy.aclose()
+
+
+MakeProxy = Callable[[SmtpSink], Awaitable[Proxy]]
+
+
+@dataclass
+class FakeClock:
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def send(client: SmtpTransport, *hosts: Host, rcpts: tuple[str, ...] = ("ok@x.test",)
+               ) -> AttemptResult:
+    return await client.deliver(list(hosts), "a@sender.test", list(rcpts), RAW)
+
+
+async def test_sequential_deliveries_share_one_session(
+        smtp_sink: SmtpSink, make_proxy: MakeProxy, transport: MakeTransport) -> None:
+    proxy = await make_proxy(smtp_sink)
+    client = transport()
+    for _ in range(20):
+        result = await send(client, proxy.at())
+        assert result.recipients[0].delivered and result.connection_error is None
+    assert len(smtp_sink.messages) == 20
+    assert proxy.accepted == 1
+    # RFC 5321 §4.1.1.4: after a completed DATA the next MAIL follows directly.
+    assert (proxy.count("EHLO"), proxy.count("MAIL"), proxy.count("RSET")) == (1, 20, 0)
+    assert proxy.count("QUIT") == 0
+    await proxy.open_sessions(1)
+
+
+async def test_new_session_after_max_messages(
+        smtp_sink: SmtpSink, make_proxy: MakeProxy, transport: MakeTransport) -> None:
+    proxy = await make_proxy(smtp_sink)
+    client = transport(max_messages_per_connection=5)
+    for _ in range(12):
+        assert (await send(client, proxy.at())).recipients[0].delivered
+    assert proxy.accepted == 3  # 5 + 5 + 2
+    await proxy.open_sessions(1)
+    assert proxy.count("QUIT") == 2  # the two full sessions said goodbye
+
+
+@pytest.mark.parametrize("hang_up", [
+    "closed-while-idle", "drops-at-mail", "421-at-mail",
+], ids=lambda x: x)
+async def test_dead_pooled_session_is_replaced_transparently(
+        smtp_sink: SmtpSink, make_proxy: MakeProxy, transport: MakeTransport,
+        hang_up: str) -> None:
+    proxy = await make_proxy(smtp_sink)
+    client = transport()
+    first = await send(client, proxy.at())
+    if hang_up == "closed-while-idle":
+        proxy.drop_all()
+        await proxy.open_sessions(0)
+    else:
+        proxy.hang_up_on_next_command(b"421 4.4.2 Idle too long\r\n" if "421" in hang_up
+                                      else b"")
+    second = await send(client, proxy.at())
+    assert second == first  # just as if the pool had been empty
+    assert second.recipients[0].delivered
+    assert proxy.accepted == 2
+    assert len(smtp_sink.messages) == 2
+
+
+async def test_dead_pooled_session_then_host_unusable_falls_back_in_order(
+        make_smtp_sink: MakeSink, make_proxy: MakeProxy, transport: MakeTransport) -> None:
+    first_sink, second_sink = make_smtp_sink(), make_smtp_sink()
+    proxy = await make_proxy(first_sink)
+    client = transport()
+    assert (await send(client, proxy.at(), at(second_sink))).recipients[0].delivered
+    proxy.hang_up_on_next_command(b"421 4.4.2 Idle too long\r\n")
+    proxy.refuse = True
+    result = await send(client, proxy.at(), at(second_sink))
+    assert result.recipients[0].delivered and result.connection_error is None
+    assert (len(first_sink.messages), len(second_sink.messages)) == (1, 1)
+    assert proxy.accepted == 2  # the pooled session, then one fresh try of the same host
+
+
+async def test_idle_sessions_expire(
+        smtp_sink: SmtpSink, make_proxy: MakeProxy, transport: MakeTransport) -> None:
+    proxy = await make_proxy(smtp_sink)
+    clock = FakeClock()
+    client = transport(max_idle_secs=30, clock=clock)
+    await send(client, proxy.at())
+    clock.now += 29
+    await send(client, proxy.at())
+    assert proxy.accepted == 1
+    clock.now += 31
+    assert (await send(client, proxy.at())).recipients[0].delivered
+    assert proxy.accepted == 2
+    await proxy.open_sessions(1)  # the expired one was closed
+    assert proxy.count("QUIT") == 1
+
+
+async def test_concurrent_deliveries_keep_at_most_max_idle(
+        smtp_sink: SmtpSink, make_proxy: MakeProxy, transport: MakeTransport) -> None:
+    proxy = await make_proxy(smtp_sink)
+    client = transport(max_connections_per_endpoint=3)
+    results = await asyncio.gather(*(send(client, proxy.at(), rcpts=(f"r{i}@x.test",))
+                                     for i in range(10)))
+    assert all(r.recipients[0].delivered for r in results)
+    assert len(smtp_sink.messages) == 10
+    assert proxy.accepted == 10  # the pool was empty: each opened its own
+    await proxy.open_sessions(3)
+    assert proxy.count("QUIT") == 7
+    for _ in range(3):
+        await asyncio.gather(*(send(client, proxy.at()) for _ in range(3)))
+    assert proxy.accepted == 10  # the three idle sessions carried the rest
+
+
+@pytest.mark.parametrize(("setup", "rcpts", "rsets"), [
+    ({"rcpt_replies": {"gone@x.test": "550 5.1.1 No such user"}}, ("gone@x.test", "ok@x.test"),
+     0),
+    ({"rcpt_replies": {"gone@x.test": "550 5.1.1 No such user"}}, ("gone@x.test",), 1),
+    ({"data_reply": "554 5.6.0 content rejected"}, ("ok@x.test",), 1),
+    ({"mail_reply": "553 5.7.1 Sender address rejected"}, ("ok@x.test",), 0),
+], ids=["rcpt-5xx-some-accepted", "rcpt-5xx-none-accepted", "data-5xx", "mail-5xx"])
+async def test_refusals_leave_the_session_reusable(
+        smtp_sink: SmtpSink, make_proxy: MakeProxy, transport: MakeTransport,
+        setup: dict[str, object], rcpts: tuple[str, ...], rsets: int) -> None:
+    proxy = await make_proxy(smtp_sink)
+    client = transport()
+    for name, value in setup.items():
+        setattr(smtp_sink, name, value)
+    refused = await send(client, proxy.at(), rcpts=rcpts)
+    assert any(r.permanent for r in refused.recipients)
+    for name in setup:
+        setattr(smtp_sink, name, {} if name == "rcpt_replies" else None)
+    assert (await send(client, proxy.at())).recipients[0].delivered
+    assert proxy.accepted == 1
+    assert proxy.count("RSET") == rsets  # RFC 5321 §4.1.1.5: only with a transaction open
+
+
+@pytest.mark.parametrize("trouble", ["data-dropped", "data-timeout"])
+async def test_session_in_unknown_state_is_not_pooled(
+        smtp_sink: SmtpSink, make_proxy: MakeProxy, transport: MakeTransport,
+        trouble: str) -> None:
+    proxy = await make_proxy(smtp_sink)
+    client = transport(timeout=0.5)
+    assert (await send(client, proxy.at())).recipients[0].delivered
+    if trouble == "data-dropped":
+        smtp_sink.drop_next_data = 1
+    else:
+        smtp_sink.hold_data = threading.Event()
+    try:
+        result = await send(client, proxy.at())
+    finally:
+        if smtp_sink.hold_data is not None:
+            smtp_sink.hold_data.set()
+    [rcpt] = result.recipients
+    assert rcpt.temporary and not rcpt.delivered
+    assert len(smtp_sink.messages) == 1  # never retried after DATA was sent
+    await proxy.open_sessions(0)
+    smtp_sink.hold_data = None
+    assert (await send(client, proxy.at())).recipients[0].delivered
+    assert proxy.accepted == 2
+
+
+async def test_starttls_session_reused(
+        smtp_sink_tls: SmtpSink, make_proxy: MakeProxy, transport: MakeTransport) -> None:
+    proxy = await make_proxy(smtp_sink_tls)
+    client = transport()
+    results = [await send(client, proxy.at()) for _ in range(5)]
+    assert all(r.recipients[0].delivered and r.tls.used for r in results)
+    assert len({r.tls for r in results}) == 1
+    assert proxy.accepted == 1 and proxy.count("STARTTLS") == 1  # one TLS handshake
+    assert all(m.tls for m in smtp_sink_tls.messages)
+
+
+async def test_relay_session_reused_with_one_auth(
+        make_smtp_sink: MakeSink, make_proxy: MakeProxy, transport: MakeTransport) -> None:
+    relay = make_smtp_sink(auth_users={"user": "pw"})
+    proxy = await make_proxy(relay)
+    client = transport(relay=RelayConfig("127.0.0.1", proxy.port, "user", "pw", starttls=False))
+    for _ in range(3):
+        assert (await client.deliver([], "a@sender.test", ["ok@x.test"], RAW)
+                ).recipients[0].delivered
+    assert (proxy.accepted, proxy.count("AUTH")) == (1, 1)
+
+
+async def test_aclose_closes_every_session(
+        smtp_sink: SmtpSink, make_proxy: MakeProxy, transport: MakeTransport) -> None:
+    proxy = await make_proxy(smtp_sink)
+    client = transport(max_connections_per_endpoint=3)
+    await asyncio.gather(*(send(client, proxy.at()) for _ in range(5)))
+    await client.aclose()
+    assert proxy.count("QUIT") == 5  # 2 beyond the idle limit, then the 3 idle ones
+    await proxy.open_sessions(0)
+    # Still usable afterwards, without keeping sessions.
+    assert (await send(client, proxy.at())).recipients[0].delivered
+    await proxy.open_sessions(0)
+    assert proxy.count("QUIT") == 6
+
+
+async def test_close_idle_keeps_pooling(
+        smtp_sink: SmtpSink, make_proxy: MakeProxy, transport: MakeTransport) -> None:
+    proxy = await make_proxy(smtp_sink)
+    client = transport()
+    await send(client, proxy.at())
+    await client.close_idle()
+    await proxy.open_sessions(0)
+    await send(client, proxy.at())
+    await send(client, proxy.at())
+    assert proxy.accepted == 2
+
+
+async def test_pooling_off(
+        smtp_sink: SmtpSink, make_proxy: MakeProxy, transport: MakeTransport) -> None:
+    proxy = await make_proxy(smtp_sink)
+    client = transport(max_connections_per_endpoint=0)
+    for _ in range(3):
+        assert (await send(client, proxy.at())).recipients[0].delivered
+    await proxy.open_sessions(0)
+    assert proxy.accepted == proxy.count("QUIT") == 3
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"max_idle_secs": -1}, {"max_messages_per_connection": 0},
+    {"max_connections_per_endpoint": -1},
+], ids=["negative-idle", "zero-messages", "negative-connections"])
+def test_pool_limits_validated(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        SmtpTransport("client.test", **kwargs)  # type: ignore[arg-type]
