@@ -60,7 +60,7 @@ async def transport() -> AsyncIterator[MakeTransport]:
     if made:
         # The sink answered QUIT and is closing its side; aiosmtpd's Controller.stop() would
         # abandon (leak) a session socket it has not closed yet.
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.01)
 
 
 def at(sink: SmtpSink) -> Host:
