@@ -12,6 +12,7 @@ import fcntl
 import logging
 import os
 import secrets
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,15 +27,15 @@ from inbox.errors import ConfigError, Conflict, InboxError, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
+SWITCH_INTERVAL_SECS = 0.0005
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 
 
 def new_id(prefix: str) -> str:
-    """A time-sortable unique id: `prefix_` + 10 chars of ms time + 12 random chars."""
+    """A time-sortable unique id: `prefix_` + 10 chars of ms time + 64 random bits in hex."""
     ms = int(time.time() * 1000)
     head = "".join(_CROCKFORD[(ms >> shift) & 31] for shift in range(45, -1, -5))
-    tail = "".join(secrets.choice(_CROCKFORD) for _ in range(12))
-    return f"{prefix}_{head}{tail}"
+    return f"{prefix}_{head}{secrets.token_hex(8)}"
 
 
 class DbThrow(InboxError):
@@ -114,6 +115,11 @@ class Database:
             if self._sync:
                 # ENGINE-NOTES: fsync per commit only when set before the engine starts.
                 os.environ["SURREAL_SYNC_DATA"] = "true"
+        if self.embedded:
+            # The engine's threads need the GIL to hand each result back; while the event loop
+            # runs Python they wait out the switch interval (5 ms by default), which made each
+            # commit cost ~17 ms under load instead of ~0.7 ms. 0.5 ms measured ~3 ms.
+            sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_SECS))
         try:
             conn = AsyncSurreal(self.url)
             await conn.connect()  # type: ignore[call-arg]  # the URL was given above
