@@ -12,6 +12,7 @@ import dkim
 import dns.resolver
 
 from tests.conftest import SEND, Stack, make_tenant, route_to_sink, wait_status
+from tests.support.opendkim import opendkim_verify
 
 
 def _dnsfunc_via(stack: Stack):  # type: ignore[no-untyped-def]
@@ -67,6 +68,27 @@ async def test_send_delivers_signed_message(stack: Stack, smtp_sink: Any) -> Non
     verifier = dkim.DKIM(raw)
     assert verifier.verify(idx=0, dnsfunc=dnsfunc)
     assert verifier.verify(idx=1, dnsfunc=dnsfunc)
+
+
+async def test_opendkim_verifies_a_delivered_message(stack: Stack, smtp_sink: Any,
+                                                    tmp_path: Any) -> None:
+    """An independent verifier (OpenDKIM) checks what actually arrived at the MX, against the
+    DNS records the tenant was told to publish."""
+    tenant = await make_tenant(stack.services, stack.dns)
+    route_to_sink(stack.dns, "dest.test")
+    result = await stack.api(SEND, {
+        "from": f"Jörg <joerg@{tenant.domain}>", "to": ["alice@dest.test"],
+        "subject": "Quittung — 東京", "text": "line\n.dot line\n" + "x" * 2000},
+        key=tenant.key)
+    await wait_status(stack.api, tenant.key, result["data"]["sendEmail"]["message"]["id"],
+                      {"DELIVERED"})
+    await smtp_sink.wait_for(1)
+    delivered = smtp_sink.messages[0].data
+    published = {f"{r['name']}.": r["value"] for r in tenant.records}
+    tampered = delivered.replace(b"dot line", b"dot lime", 1)
+    ok, bad = opendkim_verify(tmp_path, published, [delivered, tampered])
+    assert ok["rc"] == 0 and not ok["stderr"], ok
+    assert bad["rc"] != 0 and "Bad signature" in bad["stderr"], bad
 
 
 async def test_attachments_and_bcc(stack: Stack, smtp_sink: Any) -> None:

@@ -19,6 +19,7 @@ from inbox.delivery.signing import DEFAULT_DKIM_HEADERS, DkimSigner
 from inbox.errors import ConfigError
 from inbox.message import OutboundMessage, build_mime, validate
 from inbox.tenancy.keys import DkimKeys, dns_txt_value, generate_dkim_keys
+from tests.support.opendkim import opendkim_verify
 
 DOMAIN = "example.com"
 NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
@@ -225,62 +226,7 @@ def test_constructor_rejects(keys: DkimKeys, kwargs, error, message: str) -> Non
 # 127.0.0.1 bind-mounted over /etc/resolv.conf, and a tiny DNS server serving our TXT records.
 # Nothing outside the namespace is touched.
 
-_CHILD = r'''
-import fcntl, json, socket, struct, subprocess, sys, threading
-import dns.message, dns.rcode, dns.rdatatype, dns.rrset
-
-def loopback_up():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    flags = struct.unpack("16sh", fcntl.ioctl(s, 0x8913, struct.pack("16sh", b"lo", 0)))[1]
-    fcntl.ioctl(s, 0x8914, struct.pack("16sh", b"lo", flags | 1))  # SIOCSIFFLAGS IFF_UP
-
-def serve(sock, records):
-    while True:
-        data, peer = sock.recvfrom(4096)
-        query = dns.message.from_wire(data)
-        reply = dns.message.make_response(query)
-        question = query.question[0]
-        txt = records.get(question.name.to_text().lower())
-        if txt is None:
-            reply.set_rcode(dns.rcode.NXDOMAIN)
-        elif question.rdtype == dns.rdatatype.TXT:
-            strings = " ".join('"%s"' % txt[i:i + 255] for i in range(0, len(txt), 255))
-            reply.answer.append(dns.rrset.from_text(question.name, 60, "IN", "TXT", strings))
-        sock.sendto(reply.to_wire(), peer)
-
-records_path, resolv_conf, binary, *messages = sys.argv[1:]
-loopback_up()
-subprocess.run(["mount", "--bind", resolv_conf, "/etc/resolv.conf"], check=True)
-sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-sock.bind(("127.0.0.1", 53))
-with open(records_path) as fh:
-    threading.Thread(target=serve, args=(sock, json.load(fh)), daemon=True).start()
-results = []
-for path in messages:
-    with open(path, "rb") as fh:
-        done = subprocess.run([binary], stdin=fh, capture_output=True, timeout=30)
-    results.append({"rc": done.returncode, "stderr": done.stderr.decode(errors="replace")})
-print(json.dumps(results))
-'''
-
-_NAMESPACE = ["unshare", "--user", "--map-root-user", "--mount", "--net"]
-
-
-def _opendkim_testmsg() -> str:
-    binary = shutil.which("opendkim-testmsg") or shutil.which("opendkim-testmsg",
-                                                              path="/usr/sbin:/usr/local/sbin")
-    if binary is None:
-        pytest.skip("opendkim-testmsg is not installed (apt-get install opendkim-tools)")
-    probe = subprocess.run([*_NAMESPACE, "mount", "--bind", "/dev/null", "/dev/null"],
-                           capture_output=True, timeout=30) if shutil.which("unshare") else None
-    if probe is None or probe.returncode != 0:
-        reason = probe.stderr.decode(errors="replace").strip() if probe else "no unshare"
-        pytest.skip(f"opendkim-testmsg needs a private user+net namespace here: {reason}")
-    return binary
-
-
 def test_opendkim_verifies_our_signatures(keys: DkimKeys, tmp_path: Path) -> None:
-    binary = _opendkim_testmsg()
     msg = OutboundMessage(from_="Jörg <jorg@example.com>", to=["bob@example.org"],
                           cc=["Zoë <zoe@example.net>"], subject="Grüße — 東京 receipt #42",
                           text_body="Thanks!\n" + "x" * 3000, html_body="<p>Thanks!</p>")
@@ -298,19 +244,8 @@ def test_opendkim_verifies_our_signatures(keys: DkimKeys, tmp_path: Path) -> Non
         "ed25519-wrong-key": (DkimSigner(DOMAIN, None, None, "ed1", other.ed25519_private_b64)
                               .sign(raw), False),
     }
-    paths = []
-    for name, (data, _) in cases.items():
-        paths.append(tmp_path / f"{name}.eml")
-        paths[-1].write_bytes(data)
-    (tmp_path / "records.json").write_text(json.dumps(records(keys)))
-    (tmp_path / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:2 attempts:2\n")
-    (tmp_path / "child.py").write_text(_CHILD)
-    done = subprocess.run(
-        [*_NAMESPACE, sys.executable, str(tmp_path / "child.py"), str(tmp_path / "records.json"),
-         str(tmp_path / "resolv.conf"), binary, *map(str, paths)],
-        capture_output=True, timeout=120)
-    assert done.returncode == 0, done.stderr.decode(errors="replace")
-    results = dict(zip(cases, json.loads(done.stdout), strict=True))
+    outcomes = opendkim_verify(tmp_path, records(keys), [d for d, _ in cases.values()])
+    results = dict(zip(cases, outcomes, strict=True))
     for name, (_, should_pass) in cases.items():
         outcome = results[name]
         if should_pass:
