@@ -18,7 +18,7 @@ from inbox.delivery.worker import DeliveryWorker
 from inbox.resolver import Resolver
 from inbox.storage import Database
 from inbox.telemetry import setup_telemetry
-from inbox.tenancy import AuthCache
+from inbox.tenancy import AuthCache, TenantCache
 from inbox.tenancy.keys import SecretBox
 from inbox.tenancy.masterkey import load_master_box
 
@@ -39,6 +39,7 @@ class Services:
     queue: Queue
     signers: SignerCache
     auth: AuthCache
+    tenant_cache: TenantCache
     # Domain verification asks DNS afresh: a tenant who just published a record and presses
     # "verify" must not wait out our negative cache.
     verify_resolver: Any = None
@@ -82,7 +83,8 @@ async def build_services(settings: Settings, **overrides: Any) -> Services:
         settings=settings, db=db, resolver=resolver, transport=transport, box=box,
         queue=Queue(db), signers=SignerCache(db, box, settings.SMTP_DKIM_HEADERS,
                                              settings.SMTP_DKIM_ED25519),
-        auth=AuthCache(settings.INBOX_AUTH_CACHE_SECS),
+        auth=AuthCache(settings.INBOX_CACHE_SECS),
+        tenant_cache=TenantCache(settings.INBOX_CACHE_SECS),
         verify_resolver=overrides.pop("verify_resolver", None) or Resolver(
             settings.INBOX_DNS_NAMESERVERS or None, timeout=settings.INBOX_DNS_TIMEOUT_SECS,
             cache=False),

@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     INBOX_QUOTA_DAILY_SEND_LIMIT: int = Field(10000, ge=0)
     INBOX_QUOTA_MAX_QUEUED_JOBS: int = Field(10000, ge=0)
     INBOX_IDEMPOTENCY_TTL_SECS: int = Field(86400, ge=60)
-    INBOX_AUTH_CACHE_SECS: float = Field(5.0, ge=0)
+    INBOX_CACHE_SECS: float = Field(5.0, ge=0)
 
     # --- telemetry ---
     OTEL_SERVICE_NAME: str = "inbox"

@@ -26,7 +26,7 @@ from inbox.errors import (
 )
 from inbox.message import OutboundMessage, build_mime, validate
 from inbox.storage import Database, DbThrow, new_id
-from inbox.tenancy import Principal, effective_quotas
+from inbox.tenancy import Principal, TenantCache, effective_quotas
 
 tracer = trace.get_tracer("inbox.submission")
 
@@ -86,6 +86,10 @@ IF $idem_id != NONE {
     ELSE { THROW 'IDEMPOTENCY_CONFLICT|' + $prev.message };
   };
 };
+IF array::len($supp_ids) > 0 {
+  LET $supp = (SELECT VALUE target FROM $supp_ids WHERE expires_at = NONE OR expires_at > $now);
+  IF array::len($supp) > 0 { THROW 'SUPPRESSED|' };
+};
 IF $count > 0 {
   LET $h = (UPSERT type::thing('quota_counter', [$domain, 'hour', $hour]) SET n += $count
             RETURN AFTER)[0].n;
@@ -113,35 +117,45 @@ COMMIT TRANSACTION;
 
 
 async def submit(db: Database, principal: Principal, msg: OutboundMessage, opts: SubmitOptions,
-                 *, settings: Any, now: datetime | None = None) -> dict[str, Any]:
+                 *, settings: Any, now: datetime | None = None,
+                 cache: TenantCache | None = None) -> dict[str, Any]:
     """Store a message for delivery; returns its row (the first message's on a replay)."""
     with tracer.start_as_current_span("submission.submit") as span:
         span.set_attribute("inbox.org", principal.org)
         span.set_attribute("inbox.source", opts.source)
-        row = await _submit(db, principal, msg, opts, settings, now or datetime.now(UTC))
+        row = await _submit(db, principal, msg, opts, settings, now or datetime.now(UTC),
+                            cache)
         span.set_attribute("inbox.message", row["id"])
         return row
 
 
+async def _tenant_rows(db: Database, org: str, domain: str, cache: TenantCache | None
+                       ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The sending domain's has_domain row (without keys) and the organization row."""
+    if cache is not None and (hit := cache.get(org, domain)) is not None:
+        return hit
+    domain_rows, org_row = await db.run(
+        "SELECT * OMIT dkim_rsa_private, dkim_ed25519_private FROM has_domain"
+        " WHERE org = $org AND domain = $domain LIMIT 1;"
+        "SELECT * FROM ONLY type::thing('organization', $org);",
+        {"org": org, "domain": domain})
+    rows = (domain_rows[0] if domain_rows else None, org_row or None)
+    if cache is not None and rows[0] is not None and rows[1] is not None:
+        cache.put(org, domain, rows)
+    return rows
+
+
 async def _submit(db: Database, principal: Principal, msg: OutboundMessage, opts: SubmitOptions,
-                  settings: Any, now: datetime) -> dict[str, Any]:
+                  settings: Any, now: datetime, cache: TenantCache | None) -> dict[str, Any]:
     principal.require("send")
     _check_options(opts)
     validated = validate(msg, max_bytes=settings.SMTP_MAX_MESSAGE_BYTES)
     sender = validated.from_
     recipients = validated.envelope_recipients
-    # One round trip for everything the checks need (the gateway serialises every call).
-    domain_rows, org_row, suppressed_rows = await db.run(
-        "SELECT * OMIT dkim_rsa_private, dkim_ed25519_private FROM has_domain"
-        " WHERE org = $org AND domain = $domain LIMIT 1;"
-        "SELECT * FROM ONLY type::thing('organization', $org);"
-        f"{SUPPRESSED_SQL};",
-        {"org": principal.org, "domain": sender.ascii_domain, "now": now,
-         "ids": suppression_ids(principal.org, recipients)})
-    if not domain_rows:
+    domain_row, org_row = await _tenant_rows(db, principal.org, sender.ascii_domain, cache)
+    if domain_row is None:
         raise Forbidden(f"{sender.ascii_domain} is not a domain of your organization",
                         field=["from"])
-    domain_row = domain_rows[0]
     if not domain_row["verified"]:
         raise DomainNotVerified(
             f"{sender.ascii_domain} is not verified yet: publish its DNS records and call "
@@ -155,66 +169,81 @@ async def _submit(db: Database, principal: Principal, msg: OutboundMessage, opts
             f"{limits['quota_max_recipients_per_message']} per message",
             limit="max_recipients_per_message", field=["to"])
 
-    suppressed = {r["target"]: r.get("reason") or "suppressed" for r in suppressed_rows or []}
     raw, message_id_header = build_mime(validated, sender.ascii_domain, now,
                                         max_bytes=settings.SMTP_MAX_MESSAGE_BYTES)
     message_id = new_id("msg")
-    job_ids: dict[str, str] = {}  # recipient domain -> job id
-    rcpt_rows, events = [], []
-    for addr in recipients:
-        reason = suppressed.get(addr.addr_spec.lower()) or suppressed.get(addr.ascii_domain)
-        job_id = None
-        if reason is not None:
-            events.append({"id": new_id("evt"), "org": principal.org, "message": message_id,
-                           "type": "SUPPRESSED", "at": now, "recipient": addr.addr_spec,
-                           "detail": reason})
-        else:
-            job_id = job_ids.setdefault(
-                addr.ascii_domain, f"job_{message_id.removeprefix('msg_')}_{len(job_ids) + 1}")
-        rcpt_rows.append({
-            "id": new_id("rcpt"), "org": principal.org, "message": message_id, "job": job_id,
-            "address": addr.addr_spec, "domain": addr.ascii_domain,
-            "status": "SUPPRESSED" if reason is not None else "QUEUED",
-            "attempts": 0, "last_response": None, "next_attempt_at": None, "updated_at": now,
-        })
-    jobs = [{
-        "id": job_id, "org": principal.org, "message": message_id,
-        "sending_domain": sender.ascii_domain, "rcpt_domain": rcpt_domain, "status": "queued",
-        "due": now, "attempts": 0, "owner": None, "lease_until": None, "created_at": now,
-        "expires_at": now + timedelta(seconds=settings.SMTP_OUTBOUND_TTL_SECS),
-    } for rcpt_domain, job_id in job_ids.items()]
-    events.append({"id": new_id("evt"), "org": principal.org, "message": message_id,
-                   "type": "QUEUED", "at": now, "recipient": None,
-                   "detail": f"{len(jobs)} delivery job(s) via {opts.source}"})
-    statuses = [r["status"] for r in rcpt_rows]
-    message = {
-        "id": message_id, "org": principal.org, "domain": sender.ascii_domain,
-        "message_id": message_id_header, "from": validated.from_header,
-        "envelope_from": sender.addr_spec, "to": [a.addr_spec for a in validated.to],
-        "cc": [a.addr_spec for a in validated.cc], "subject": msg.subject,
-        "status": "SUPPRESSED" if "QUEUED" not in statuses else "QUEUED",
-        "created_at": now, "updated_at": now, "tags": opts.tags,
-        "metadata": opts.metadata, "source": opts.source, "size": len(raw),
-        "smtputf8": sender.smtputf8 or any(a.smtputf8 for a in recipients),
-        "idempotency_key": opts.idempotency_key,
-    }
-    sent_count = statuses.count("QUEUED")
-    hash_ = _payload_hash(msg, opts) if opts.idempotency_key else None
-    params = {
-        "idem_id": [principal.org, opts.idempotency_key] if opts.idempotency_key else None,
-        "idem_key": opts.idempotency_key, "hash": hash_,
-        "idem_expires": now + timedelta(seconds=settings.INBOX_IDEMPOTENCY_TTL_SECS),
-        "now": now, "count": sent_count, "jobcount": len(jobs),
-        "domain": sender.ascii_domain, "hour": now.strftime("%Y%m%d%H"),
-        "day": now.strftime("%Y%m%d"),
-        "hourly_limit": limits["quota_hourly_send_limit"],
-        "daily_limit": limits["quota_daily_send_limit"],
-        "max_queued": limits["quota_max_queued_jobs"],
-        "message": message, "raw": raw, "recipients": rcpt_rows, "jobs": jobs,
-        "events": events,
-    }
+
+    def rows(suppressed: dict[str, str]) -> dict[str, Any]:
+        job_ids: dict[str, str] = {}  # recipient domain -> job id
+        rcpt_rows, events = [], []
+        for addr in recipients:
+            reason = suppressed.get(addr.addr_spec.lower()) or suppressed.get(addr.ascii_domain)
+            job_id = None
+            if reason is not None:
+                events.append({"id": new_id("evt"), "org": principal.org, "message": message_id,
+                               "type": "SUPPRESSED", "at": now, "recipient": addr.addr_spec,
+                               "detail": reason})
+            else:
+                job_id = job_ids.setdefault(
+                    addr.ascii_domain, f"job_{message_id.removeprefix('msg_')}_{len(job_ids) + 1}")
+            rcpt_rows.append({
+                "id": new_id("rcpt"), "org": principal.org, "message": message_id, "job": job_id,
+                "address": addr.addr_spec, "domain": addr.ascii_domain,
+                "status": "SUPPRESSED" if reason is not None else "QUEUED",
+                "attempts": 0, "last_response": None, "next_attempt_at": None, "updated_at": now,
+            })
+        jobs = [{
+            "id": job_id, "org": principal.org, "message": message_id,
+            "sending_domain": sender.ascii_domain, "rcpt_domain": rcpt_domain, "status": "queued",
+            "due": now, "attempts": 0, "owner": None, "lease_until": None, "created_at": now,
+            "expires_at": now + timedelta(seconds=settings.SMTP_OUTBOUND_TTL_SECS),
+        } for rcpt_domain, job_id in job_ids.items()]
+        events.append({"id": new_id("evt"), "org": principal.org, "message": message_id,
+                       "type": "QUEUED", "at": now, "recipient": None,
+                       "detail": f"{len(jobs)} delivery job(s) via {opts.source}"})
+        statuses = [r["status"] for r in rcpt_rows]
+        message = {
+            "id": message_id, "org": principal.org, "domain": sender.ascii_domain,
+            "message_id": message_id_header, "from": validated.from_header,
+            "envelope_from": sender.addr_spec, "to": [a.addr_spec for a in validated.to],
+            "cc": [a.addr_spec for a in validated.cc], "subject": msg.subject,
+            "status": "SUPPRESSED" if "QUEUED" not in statuses else "QUEUED",
+            "created_at": now, "updated_at": now, "tags": opts.tags,
+            "metadata": opts.metadata, "source": opts.source, "size": len(raw),
+            "smtputf8": sender.smtputf8 or any(a.smtputf8 for a in recipients),
+            "idempotency_key": opts.idempotency_key,
+        }
+        sent_count = statuses.count("QUEUED")
+        hash_ = _payload_hash(msg, opts) if opts.idempotency_key else None
+        params = {
+            "idem_id": [principal.org, opts.idempotency_key] if opts.idempotency_key else None,
+            "idem_key": opts.idempotency_key, "hash": hash_,
+            "idem_expires": now + timedelta(seconds=settings.INBOX_IDEMPOTENCY_TTL_SECS),
+            "now": now, "count": sent_count, "jobcount": len(jobs),
+            "domain": sender.ascii_domain, "hour": now.strftime("%Y%m%d%H"),
+            "day": now.strftime("%Y%m%d"),
+            "hourly_limit": limits["quota_hourly_send_limit"],
+            "daily_limit": limits["quota_daily_send_limit"],
+            "max_queued": limits["quota_max_queued_jobs"],
+            "message": message, "raw": raw, "recipients": rcpt_rows, "jobs": jobs,
+            "events": events,
+        }
+        return params
+
+    # Optimistic: most sends hit no suppression, so the store checks for one itself (one round
+    # trip); only when it finds one do we look them up and store with those recipients skipped.
+    params = rows({})
+    params["supp_ids"] = suppression_ids(principal.org, recipients)
     try:
-        await db.run(_STORE, params)
+        try:
+            await db.run(_STORE, params)
+        except DbThrow as exc:
+            if exc.throw_code != "SUPPRESSED":
+                raise
+            found = await db.one(SUPPRESSED_SQL, {"ids": params["supp_ids"], "now": now})
+            params = rows({r["target"]: r.get("reason") or "suppressed" for r in found or []})
+            params["supp_ids"] = []
+            await db.run(_STORE, params)
     except DbThrow as exc:
         if exc.throw_code == "IDEMPOTENT_REPLAY":
             row = await db.one("SELECT * FROM ONLY type::thing('message', $id) WHERE org = $org",
@@ -234,4 +263,4 @@ async def _submit(db: Database, principal: Principal, msg: OutboundMessage, opts
             raise QuotaExceeded(f"{limit} of {sender.ascii_domain} reached{when}",
                                 limit=limit, resets_at=resets) from None
         raise
-    return message
+    return params["message"]

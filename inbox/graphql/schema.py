@@ -190,7 +190,7 @@ class Mutation:
             opts = SubmitOptions(idempotency_key=idempotency_key, tags=list(tags or []),
                                  metadata=_metadata(metadata), source="graphql")
             row = await submit(services.db, p, msg, opts, settings=services.settings,
-                               now=services.clock())
+                               now=services.clock(), cache=services.tenant_cache)
             services.wakeup.set()
             return SendEmailPayload(message=Message.of(row), errors=[])
 
@@ -237,6 +237,7 @@ class Mutation:
             s = info.context.services
             row, checks = await tenancy.verify_domain(s.db, s.verify_resolver, p.org, domain,
                                                       s.clock())
+            s.tenant_cache.evict(p.org, row["domain"])
             return VerifyDomainPayload(domain=Domain.of(row), errors=[], checks=[
                 DnsRecordCheck(type=c["type"], name=c["name"], value=c["value"], ok=c["ok"],
                                found=c["found"], error=c["error"]) for c in checks])
@@ -254,6 +255,7 @@ class Mutation:
 
         async def run() -> DomainPayload:
             p = await info.context.principal("admin")
+            info.context.services.tenant_cache.evict(p.org)
             row = await tenancy.set_domain_quotas(info.context.services.db, p.org, domain, {
                 "quota_max_recipients_per_message": max_recipients_per_message,
                 "quota_hourly_send_limit": hourly_send_limit,

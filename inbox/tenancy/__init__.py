@@ -7,6 +7,7 @@ from inbox.tenancy.apikeys import (
     list_api_keys,
     revoke_api_key,
 )
+from inbox.tenancy.cache import TenantCache
 from inbox.tenancy.domains import (
     add_domain,
     dns_records,
@@ -21,7 +22,7 @@ from inbox.tenancy.principal import SCOPES, Principal
 from inbox.tenancy.quotas import effective_quotas
 
 __all__ = [
-    "QUOTA_FIELDS", "SCOPES", "AuthCache", "Principal", "add_domain", "authenticate",
+    "QUOTA_FIELDS", "SCOPES", "AuthCache", "Principal", "TenantCache", "add_domain", "authenticate",
     "create_api_key",
     "create_organization", "dns_records", "effective_quotas", "get_domain", "get_organization",
     "list_api_keys", "list_domains", "normalize_domain", "revoke_api_key", "set_domain_quotas",

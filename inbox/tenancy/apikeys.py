@@ -84,7 +84,7 @@ class AuthCache:
     """Authenticated principals, remembered for `ttl` seconds per key.
 
     A revocation evicts the key here at once; another instance that cached it keeps accepting
-    it for at most `ttl` seconds (INBOX_AUTH_CACHE_SECS; 0 turns the cache off).
+    it for at most `ttl` seconds (INBOX_CACHE_SECS; 0 turns the cache off).
     """
 
     def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
