@@ -24,7 +24,3 @@ def setup_telemetry(settings: Any) -> None:
     trace.set_tracer_provider(provider)
     _configured = True
 
-
-def current_trace_id() -> str:
-    ctx = trace.get_current_span().get_span_context()
-    return format(ctx.trace_id, "032x") if ctx.is_valid else ""
