@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
+
+import pytest
 
 from inbox.app import build_services
 from inbox.delivery.queue import backoff
@@ -16,85 +19,105 @@ from inbox.tenancy import Principal
 from tests.conftest import make_settings, make_tenant, route_to_sink
 
 
-async def _services(tmp_path: Any, dns: Any, **kw: Any) -> Any:
-    settings = make_settings(tmp_path, dns, INBOX_DB_SYNC="false",
-                             INBOX_QUOTA_HOURLY_SEND_LIMIT=100000,
-                             INBOX_QUOTA_DAILY_SEND_LIMIT=100000, **kw)
-    return await build_services(settings)
+@pytest.fixture
+async def open_services(tmp_path: Any, dns_server: Any) -> AsyncIterator[Any]:
+    """A factory: services on the real engine with test settings; closed after the test."""
+    opened: list[Any] = []
+
+    async def make(**kw: Any) -> Any:
+        settings = make_settings(
+            tmp_path,
+            dns_server,
+            INBOX_DB_SYNC="false",
+            INBOX_QUOTA_HOURLY_SEND_LIMIT=100000,
+            INBOX_QUOTA_DAILY_SEND_LIMIT=100000,
+            **kw,
+        )
+        opened.append(await build_services(settings))
+        return opened[-1]
+
+    yield make
+    for services in opened:
+        await services.db.close()
 
 
 async def _submit_many(services: Any, tenant: Any, n: int) -> list[str]:
     principal = Principal(tenant.org, "key_test", frozenset({"send"}))
     ids = []
     for i in range(n):
-        msg = OutboundMessage(from_=f"a@{tenant.domain}", to=[f"u{i}@dest.test"],
-                              subject=f"n{i}", text_body="x")
-        ids.append((await submit(services.db, principal, msg, SubmitOptions(),
-                                settings=services.settings, now=services.clock()))["id"])
+        msg = OutboundMessage(
+            from_=f"a@{tenant.domain}", to=[f"u{i}@dest.test"], subject=f"n{i}", text_body="x"
+        )
+        ids.append(
+            (
+                await submit(
+                    services.db,
+                    principal,
+                    msg,
+                    SubmitOptions(),
+                    settings=services.settings,
+                    now=services.clock(),
+                )
+            )["id"]
+        )
     return ids
 
 
-async def test_leases_are_exclusive_and_expire(tmp_path: Any, dns_server: Any) -> None:
-    services = await _services(tmp_path, dns_server)
+async def test_leases_are_exclusive_and_expire(open_services: Any, dns_server: Any) -> None:
+    services = await open_services()
+    tenant = await make_tenant(services, dns_server)
+    await _submit_many(services, tenant, 5)
+    now = services.clock()
+    first = await services.queue.lease("w1", 10, 30, now)
+    second = await services.queue.lease("w2", 10, 30, now)
+    assert len(first) == 5 and second == []
+    # w1 "crashes": once its leases expire, w2 takes the jobs over.
+    later = now + timedelta(seconds=31)
+    taken = await services.queue.lease("w2", 10, 30, later)
+    assert sorted(j["id"] for j in taken) == sorted(j["id"] for j in first)
+    assert all(j["owner"] == "w2" and j["attempts"] == 2 for j in taken)
+    # Shutdown releases: the jobs are due again for anyone.
+    assert await services.queue.release("w2") == 5
+    again = await services.queue.lease("w3", 10, 30, later)
+    assert len(again) == 5 and all(j["attempts"] == 2 for j in again)
+
+
+async def test_concurrent_leasing_never_double_claims(open_services: Any, dns_server: Any) -> None:
+    services = await open_services()
+    tenant = await make_tenant(services, dns_server)
+    await _submit_many(services, tenant, 60)
+    now = services.clock()
+    batches = await asyncio.gather(*(services.queue.lease(f"w{i}", 7, 30, now) for i in range(12)))
+    claimed = [j["id"] for batch in batches for j in batch]
+    assert len(claimed) == 60 and len(set(claimed)) == 60
+
+
+async def test_many_workers_deliver_each_job_once(
+    open_services: Any, dns_server: Any, smtp_sink: Any
+) -> None:
+    services = await open_services(
+        SMTP_OUTBOUND_PORT=smtp_sink.port,
+        SMTP_OUTBOUND_QUEUE_BATCH_SIZE=5,
+        SMTP_OUTBOUND_CONCURRENCY=4,
+    )
+    tenant = await make_tenant(services, dns_server)
+    route_to_sink(dns_server, "dest.test")
+    n = 120
+    await _submit_many(services, tenant, n)
+    stop = asyncio.Event()
+    workers = [asyncio.create_task(services.worker(f"w{i}").run(stop)) for i in range(6)]
     try:
-        tenant = await make_tenant(services, dns_server)
-        await _submit_many(services, tenant, 5)
-        now = services.clock()
-        first = await services.queue.lease("w1", 10, 30, now)
-        second = await services.queue.lease("w2", 10, 30, now)
-        assert len(first) == 5 and second == []
-        # w1 "crashes": once its leases expire, w2 takes the jobs over.
-        later = now + timedelta(seconds=31)
-        taken = await services.queue.lease("w2", 10, 30, later)
-        assert sorted(j["id"] for j in taken) == sorted(j["id"] for j in first)
-        assert all(j["owner"] == "w2" and j["attempts"] == 2 for j in taken)
-        # Shutdown releases: the jobs are due again for anyone.
-        assert await services.queue.release("w2") == 5
-        again = await services.queue.lease("w3", 10, 30, later)
-        assert len(again) == 5 and all(j["attempts"] == 2 for j in again)
+        await smtp_sink.wait_for(n, timeout=60)
+        await asyncio.sleep(0.5)
     finally:
-        await services.db.close()
-
-
-async def test_concurrent_leasing_never_double_claims(tmp_path: Any, dns_server: Any) -> None:
-    services = await _services(tmp_path, dns_server)
-    try:
-        tenant = await make_tenant(services, dns_server)
-        await _submit_many(services, tenant, 60)
-        now = services.clock()
-        batches = await asyncio.gather(*(services.queue.lease(f"w{i}", 7, 30, now)
-                                         for i in range(12)))
-        claimed = [j["id"] for batch in batches for j in batch]
-        assert len(claimed) == 60 and len(set(claimed)) == 60
-    finally:
-        await services.db.close()
-
-
-async def test_many_workers_deliver_each_job_once(tmp_path: Any, dns_server: Any,
-                                                  smtp_sink: Any) -> None:
-    services = await _services(tmp_path, dns_server, SMTP_OUTBOUND_PORT=smtp_sink.port,
-                               SMTP_OUTBOUND_QUEUE_BATCH_SIZE=5, SMTP_OUTBOUND_CONCURRENCY=4)
-    try:
-        tenant = await make_tenant(services, dns_server)
-        route_to_sink(dns_server, "dest.test")
-        n = 120
-        await _submit_many(services, tenant, n)
-        stop = asyncio.Event()
-        workers = [asyncio.create_task(services.worker(f"w{i}").run(stop)) for i in range(6)]
-        try:
-            await smtp_sink.wait_for(n, timeout=60)
-            await asyncio.sleep(0.5)
-        finally:
-            stop.set()
-            await asyncio.gather(*workers)
-        counts = Counter(r for m in smtp_sink.messages for r in m.rcpt_tos)
-        assert len(counts) == n and set(counts.values()) == {1}
-        statuses = await services.db.one("SELECT VALUE status FROM message")
-        assert set(statuses) == {"DELIVERED"}
-        owners = await services.db.one("SELECT VALUE owner FROM job WHERE owner != NONE")
-        assert owners == []
-    finally:
-        await services.db.close()
+        stop.set()
+        await asyncio.gather(*workers)
+    counts = Counter(r for m in smtp_sink.messages for r in m.rcpt_tos)
+    assert len(counts) == n and set(counts.values()) == {1}
+    statuses = await services.db.one("SELECT VALUE status FROM message")
+    assert set(statuses) == {"DELIVERED"}
+    owners = await services.db.one("SELECT VALUE owner FROM job WHERE owner != NONE")
+    assert owners == []
 
 
 def test_backoff_grows_and_is_capped() -> None:
@@ -106,63 +129,63 @@ def test_backoff_grows_and_is_capped() -> None:
     assert all(50 <= d <= 100 for d in delays[4:])
 
 
-async def test_cleanup_removes_old_finished_work(tmp_path: Any, dns_server: Any,
-                                                 smtp_sink: Any) -> None:
-    services = await _services(tmp_path, dns_server, SMTP_OUTBOUND_PORT=smtp_sink.port)
-    try:
-        tenant = await make_tenant(services, dns_server)
-        route_to_sink(dns_server, "dest.test")
-        ids = await _submit_many(services, tenant, 3)
-        stop = asyncio.Event()
-        worker = asyncio.create_task(services.worker("w").run(stop))
-        await smtp_sink.wait_for(3, timeout=20)
-        for _ in range(100):
-            statuses = await services.db.one("SELECT VALUE status FROM message")
-            if set(statuses) == {"DELIVERED"}:
-                break
-            await asyncio.sleep(0.05)
-        stop.set()
-        await worker
-        # A still-queued message must survive cleanup however old it is.
-        pending = await _submit_many(services, tenant, 1)
-        now = services.clock()
-        removed = await services.queue.cleanup(now + timedelta(days=1), 3600, 3600)
-        assert removed == 3
-        left = await services.db.one("SELECT VALUE meta::id(id) FROM message")
-        assert left == pending
-        assert await services.db.one(
-            "SELECT VALUE id FROM message_raw WHERE meta::id(id) IN $ids", {"ids": ids}) == []
-        assert await services.db.one(
-            "SELECT VALUE id FROM event WHERE message IN $ids", {"ids": ids}) == []
-        # Too recent: nothing more goes.
-        assert await services.queue.cleanup(now, 3600, 3600) == 0
-    finally:
-        await services.db.close()
+async def test_cleanup_removes_old_finished_work(
+    open_services: Any, dns_server: Any, smtp_sink: Any
+) -> None:
+    services = await open_services(SMTP_OUTBOUND_PORT=smtp_sink.port)
+    tenant = await make_tenant(services, dns_server)
+    route_to_sink(dns_server, "dest.test")
+    ids = await _submit_many(services, tenant, 3)
+    stop = asyncio.Event()
+    worker = asyncio.create_task(services.worker("w").run(stop))
+    await smtp_sink.wait_for(3, timeout=20)
+    for _ in range(100):
+        statuses = await services.db.one("SELECT VALUE status FROM message")
+        if set(statuses) == {"DELIVERED"}:
+            break
+        await asyncio.sleep(0.05)
+    stop.set()
+    await worker
+    # A still-queued message must survive cleanup however old it is.
+    pending = await _submit_many(services, tenant, 1)
+    now = services.clock()
+    removed = await services.queue.cleanup(now + timedelta(days=1), 3600, 3600)
+    assert removed == 3
+    left = await services.db.one("SELECT VALUE meta::id(id) FROM message")
+    assert left == pending
+    assert (
+        await services.db.one(
+            "SELECT VALUE id FROM message_raw WHERE meta::id(id) IN $ids", {"ids": ids}
+        )
+        == []
+    )
+    assert (
+        await services.db.one("SELECT VALUE id FROM event WHERE message IN $ids", {"ids": ids})
+        == []
+    )
+    # Too recent: nothing more goes.
+    assert await services.queue.cleanup(now, 3600, 3600) == 0
 
 
-async def test_completion_after_losing_the_lease_changes_nothing(tmp_path: Any,
-                                                                  dns_server: Any) -> None:
+async def test_completion_after_losing_the_lease_changes_nothing(
+    open_services: Any, dns_server: Any
+) -> None:
     from inbox.delivery.queue import JobOutcome, RecipientOutcome
 
-    services = await _services(tmp_path, dns_server)
-    try:
-        tenant = await make_tenant(services, dns_server)
-        [msg_id] = await _submit_many(services, tenant, 1)
-        now = services.clock()
-        [job] = await services.queue.lease("w1", 1, 30, now)
-        [taken] = await services.queue.lease("w2", 1, 30, now + timedelta(seconds=31))
-        rcpt = (await services.queue.load(job))[2][0]
-        late = JobOutcome(job, [RecipientOutcome(rcpt["id"], rcpt["address"], "DELIVERED",
-                                                 "250 ok")])
-        assert await services.queue.complete(late, "w1", now) is False
-        status = await services.db.one("SELECT VALUE status FROM recipient WHERE message = $m",
-                                       {"m": msg_id})
-        assert status == ["QUEUED"]
-        good = JobOutcome(taken, [RecipientOutcome(rcpt["id"], rcpt["address"], "DELIVERED",
-                                                   "250 ok")])
-        assert await services.queue.complete(good, "w2", now) is True
-        row = await services.db.one("SELECT status FROM ONLY type::thing('message', $m)",
-                                    {"m": msg_id})
-        assert row["status"] == "DELIVERED"
-    finally:
-        await services.db.close()
+    services = await open_services()
+    tenant = await make_tenant(services, dns_server)
+    [msg_id] = await _submit_many(services, tenant, 1)
+    now = services.clock()
+    [job] = await services.queue.lease("w1", 1, 30, now)
+    [taken] = await services.queue.lease("w2", 1, 30, now + timedelta(seconds=31))
+    rcpt = (await services.queue.load(job))[2][0]
+    late = JobOutcome(job, [RecipientOutcome(rcpt["id"], rcpt["address"], "DELIVERED", "250 ok")])
+    assert await services.queue.complete(late, "w1", now) is False
+    status = await services.db.one(
+        "SELECT VALUE status FROM recipient WHERE message = $m", {"m": msg_id}
+    )
+    assert status == ["QUEUED"]
+    good = JobOutcome(taken, [RecipientOutcome(rcpt["id"], rcpt["address"], "DELIVERED", "250 ok")])
+    assert await services.queue.complete(good, "w2", now) is True
+    row = await services.db.one("SELECT status FROM ONLY type::thing('message', $m)", {"m": msg_id})
+    assert row["status"] == "DELIVERED"
