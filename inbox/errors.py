@@ -59,6 +59,26 @@ class Forbidden(InboxError):
     smtp_enhanced = "5.7.1"
 
 
+class RelayDenied(Forbidden):
+    """A recipient at a domain we do not host: we are not an open relay (RFC 5321 §3.6.2)."""
+
+    code = "RELAY_DENIED"
+
+
+class PolicyRejected(Forbidden):
+    """Mail refused by authentication policy (DMARC p=reject, SMTP_REQUIRE_*_PASS)."""
+
+    code = "POLICY_REJECTED"
+
+
+class RateLimited(InboxError):
+    """Too many connections or messages from one source; try later (RFC 3463 X.7.0)."""
+
+    code = "RATE_LIMITED"
+    temporary = True
+    smtp_enhanced = "4.7.0"
+
+
 class NotFound(InboxError):
     code = "NOT_FOUND"
     smtp_enhanced = "5.1.1"
