@@ -68,6 +68,30 @@ class Settings(BaseSettings):
     SMTP_DKIM_HEADERS: Annotated[list[str], NoDecode] = _split_list(DEFAULT_DKIM_HEADERS)  # type: ignore[assignment]
     SMTP_DKIM_ED25519: bool = True
 
+    # --- inbound (SMTP transfer, port 25) ---
+    SMTP_TRANSFER_PORT: int = Field(25, ge=0, le=65535)
+    INBOX_SMTP_TRANSFER_ENABLED: bool = True
+    SMTP_TLS_CERT_FILE: str = ""
+    SMTP_TLS_KEY_FILE: str = ""
+    SMTP_INBOUND_MAX_RCPT_TO: int = Field(100, ge=1)
+    SERVER_MAX_CONNECTIONS: int = Field(1000, ge=1)
+    SMTP_COMMAND_TIMEOUT_SECS: float = Field(300.0, gt=0)
+    SMTP_DATA_TIMEOUT_SECS: float = Field(600.0, gt=0)
+    SMTP_RATE_LIMIT_CONNECTIONS_PER_MINUTE: int = Field(60, ge=0)
+    SMTP_RATE_LIMIT_MESSAGES_PER_MINUTE: int = Field(120, ge=0)
+    SMTP_RATE_LIMIT_FAIL_OPEN_ON_DB_ERROR: bool = True
+    SMTP_REQUIRE_SPF_PASS: bool = False
+    SMTP_REQUIRE_DKIM_PASS: bool = False
+    SMTP_REQUIRE_DMARC_PASS: bool = False
+    INBOX_STORE_PARSED_PARTS: bool = False
+    INBOX_INCOMING_DIR: Path = Path("")
+    S3_ENDPOINT: str = ""
+    S3_BUCKET: str = ""
+    S3_ACCESS_KEY_ID: str = ""
+    S3_SECRET_ACCESS_KEY: str = ""
+    S3_REGION: str = "us-east-1"
+    S3_FORCE_PATH_STYLE: bool = True
+
     # --- tenancy defaults (per-domain overrides live on has_domain) ---
     INBOX_QUOTA_MAX_RECIPIENTS_PER_MESSAGE: int = Field(50, ge=1)
     INBOX_QUOTA_HOURLY_SEND_LIMIT: int = Field(1000, ge=0)
@@ -114,6 +138,18 @@ class Settings(BaseSettings):
         if self.INBOX_DATABASE_URL:
             return self.INBOX_DATABASE_URL
         return f"surrealkv://{(self.INBOX_DATA_DIR / 'db').resolve()}"
+
+    @property
+    def incoming_dir(self) -> Path:
+        """Local blob storage root: INBOX_INCOMING_DIR, or <data dir>/incoming by default."""
+        if str(self.INBOX_INCOMING_DIR) not in ("", "."):
+            return self.INBOX_INCOMING_DIR
+        return self.INBOX_DATA_DIR / "incoming"
+
+    @property
+    def s3_configured(self) -> bool:
+        return all((self.S3_ENDPOINT, self.S3_BUCKET, self.S3_ACCESS_KEY_ID,
+                    self.S3_SECRET_ACCESS_KEY))
 
     @property
     def database_is_embedded(self) -> bool:
