@@ -39,6 +39,19 @@ DEFINE INDEX IF NOT EXISTS suppression_org ON suppression FIELDS org, created_at
 DEFINE TABLE IF NOT EXISTS idempotency SCHEMALESS;
 DEFINE INDEX IF NOT EXISTS idempotency_expiry ON idempotency FIELDS expires_at;
 DEFINE TABLE IF NOT EXISTS quota_counter SCHEMALESS;
+DEFINE INDEX IF NOT EXISTS has_domain_domain ON has_domain FIELDS domain;
+DEFINE TABLE IF NOT EXISTS mailbox SCHEMALESS;
+DEFINE INDEX IF NOT EXISTS mailbox_address ON mailbox FIELDS address UNIQUE;
+DEFINE INDEX IF NOT EXISTS mailbox_org ON mailbox FIELDS org;
+DEFINE TABLE IF NOT EXISTS alias SCHEMALESS;
+DEFINE INDEX IF NOT EXISTS alias_address ON alias FIELDS address UNIQUE;
+DEFINE INDEX IF NOT EXISTS alias_org ON alias FIELDS org;
+DEFINE TABLE IF NOT EXISTS inbound_message SCHEMALESS;
+DEFINE INDEX IF NOT EXISTS inbound_list ON inbound_message FIELDS org, mailbox, folder, received_at;
+DEFINE INDEX IF NOT EXISTS inbound_thread ON inbound_message FIELDS org, thread;
+DEFINE INDEX IF NOT EXISTS inbound_msgid ON inbound_message FIELDS org, mailbox, message_id_header;
+DEFINE TABLE IF NOT EXISTS rate_counter SCHEMALESS;
+DEFINE INDEX IF NOT EXISTS rate_counter_expiry ON rate_counter FIELDS expires_at;
 DEFINE FUNCTION OVERWRITE fn::message_status($s: array) {
   LET $d = array::distinct($s);
   LET $pending = 'QUEUED' IN $d OR 'DEFERRED' IN $d;
