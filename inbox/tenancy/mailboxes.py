@@ -188,7 +188,7 @@ async def set_inbound_settings(db: Database, org: str, domain: str,
                                changes: dict[str, Any]) -> dict[str, Any]:
     """Change a domain's inbound fields; None for a require_* override means "use global"."""
     row = await get_domain(db, org, domain)
-    for key, value in changes.items():
+    for key in changes:
         if key not in INBOUND_FIELDS:
             raise ValidationError(f"unknown inbound setting {key}", field=[key])
     if "enc_mode" in changes and changes["enc_mode"] not in ENC_MODES:
@@ -209,7 +209,3 @@ async def set_inbound_settings(db: Database, org: str, domain: str,
 
 async def domain_inbound(db: Database, org: str, domain: str) -> dict[str, Any]:
     return _inbound_view(await get_domain(db, org, domain))
-
-
-def missing_mailbox(mailbox: str) -> NotFound:
-    return NotFound(f"mailbox {mailbox} not found", field=["mailbox"])
