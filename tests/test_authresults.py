@@ -91,6 +91,18 @@ def test_build_exact(kw: dict, expected: str) -> None:
     assert all(len(line) <= 78 for line in header.split("\r\n"))
 
 
+@dataclass(frozen=True)
+class FrozenSpf:  # shaped like inbox.smtp.spf.SpfResult
+    result: str
+    domain: str
+    identity: str
+
+
+def test_helo_identity_is_reported_as_smtp_helo() -> None:
+    header = build(spf=FrozenSpf("pass", "mail.example.com", "helo"))
+    assert "  spf=pass (client-ip=192.0.2.1) smtp.helo=mail.example.com;\r\n" in header
+
+
 @pytest.mark.parametrize("evil", [
     "x\r\nBcc: victim@example.com", "x; dkim=pass", "x\x00y", "caf\u00e9",
 ], ids=["crlf", "semicolon", "nul", "non-ascii"])

@@ -88,8 +88,9 @@ def _spf(spf: SpfOutcome, helo: str, mail_from: str, client_ip: str) -> list[str
         words.append(f"(client-ip={ipaddress.ip_address(client_ip.strip('[]'))})")
     except ValueError:
         pass
-    # RFC 7208 §2.4/§9.1: with a null reverse-path SPF checked the HELO identity.
-    if mail_from:
+    # RFC 7208 §2.4/§9.1: with a null reverse-path SPF checked the HELO identity
+    # (inbox.smtp.spf.SpfResult says which in `identity`).
+    if mail_from and getattr(spf, "identity", "mailfrom") != "helo":
         words.append("smtp.mailfrom=" + _address(mail_from))
     elif helo:
         words.append("smtp.helo=" + _value(helo))
