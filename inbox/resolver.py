@@ -361,6 +361,15 @@ class Resolver:
             raise errors[0]
         raise DnsNotFound(f"{name} A/AAAA: no address records")
 
+    async def a(self, name: str) -> Answer[str]:
+        """IPv4 addresses only (one A query), e.g. for SPF's "a" and "exists" mechanisms,
+        which look up exactly one type (RFC 7208 §5.3, §5.7)."""
+        return await self._records(name, "A")
+
+    async def aaaa(self, name: str) -> Answer[str]:
+        """IPv6 addresses only (one AAAA query, RFC 3596 §2.1)."""
+        return await self._records(name, "AAAA")
+
     async def tlsa(self, name: str) -> Answer[TlsaRecord]:
         """TLSA records, e.g. for "_25._tcp.mx.example.com" (RFC 7672 §2.2)."""
         return await self._records(name, "TLSA")

@@ -7,6 +7,7 @@ import socket
 import time
 from typing import Any
 
+import dns.message
 import pytest
 
 from inbox.errors import ConfigError, DnsNotFound, DnsTemporary, ValidationError
@@ -512,3 +513,75 @@ async def test_least_recently_used_is_evicted(dns_server: DnsServer) -> None:
     await resolver.txt("a.test")
     await resolver.txt("b.test")
     assert [sent(dns_server, n, "TXT") for n in ("a.test", "b.test", "c.test")] == [1, 2, 1]
+
+
+# -- single-family lookups (SPF's "a" and "exists" ask exactly one type) ---------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "records", "expected"),
+    [
+        (
+            "a",
+            [("A", "192.0.2.1"), ("A", "192.0.2.2"), ("AAAA", "2001:db8::1")],
+            ["192.0.2.1", "192.0.2.2"],
+        ),
+        ("aaaa", [("A", "192.0.2.1"), ("AAAA", "2001:db8::1")], ["2001:db8::1"]),
+    ],
+    ids=["a", "aaaa"],
+)
+async def test_single_family_lookup(
+    dns_server: DnsServer,
+    resolver: Resolver,
+    method: str,
+    records: list[tuple[str, str]],
+    expected: list[str],
+) -> None:
+    for rtype, value in records:
+        dns_server.add("host.example.test", rtype, value)
+    assert sorted(await getattr(resolver, method)("host.example.test")) == expected
+    other = "AAAA" if method == "a" else "A"
+    assert dns_server.transports("host.example.test", other) == []  # only one query type
+
+
+@pytest.mark.parametrize(
+    ("method", "name", "message"),
+    [
+        ("a", "v6only.example.test", "v6only.example.test A: no records of that type"),
+        ("aaaa", "v4only.example.test", "v4only.example.test AAAA: no records of that type"),
+        ("a", "missing.example.test", r"missing.example.test A: no such domain \(NXDOMAIN\)"),
+    ],
+    ids=["a-nodata", "aaaa-nodata", "a-nxdomain"],
+)
+async def test_single_family_not_found(
+    dns_server: DnsServer, resolver: Resolver, method: str, name: str, message: str
+) -> None:
+    dns_server.add("v6only.example.test", "AAAA", "2001:db8::1")
+    dns_server.add("v4only.example.test", "A", "192.0.2.1")
+    with pytest.raises(DnsNotFound, match=message):
+        await getattr(resolver, method)(name)
+
+
+async def test_server_silent_only_for_missing_types(dns_server: DnsServer) -> None:
+    # As the RFC 7208 suite's TIMEOUT entries: records that exist are answered, others not.
+    dns_server.add("half.test", "TXT", '"v=spf1 -all"')
+    dns_server.set_silent("half.test", missing_only=True)
+    resolver = Resolver([dns_server.address], timeout=0.3, cache=False)
+    assert await resolver.txt("half.test") == ["v=spf1 -all"]
+    with pytest.raises(DnsTemporary, match="timed out"):
+        await resolver.a("half.test")
+    dns_server.set_silent("half.test", on=False, missing_only=True)
+    with pytest.raises(DnsNotFound):
+        await resolver.a("half.test")
+
+
+async def test_server_spf_type_and_explicit_strings(
+    dns_server: DnsServer, resolver: Resolver
+) -> None:
+    dns_server.add_txt("typed.test", ["v=spf1 ", "-all"], rtype="SPF")
+    dns_server.add_txt("typed.test", ["v=spf1 ip4:", "192.0.2.1 -all"])
+    assert await resolver.txt("typed.test") == ["v=spf1 ip4:192.0.2.1 -all"]
+    assert dns_server.transports("typed.test", "SPF") == []
+    response = dns_server.answer(dns.message.make_query("typed.test", "SPF"), "udp")
+    assert response is not None
+    assert [rd.strings for rd in response.answer[0]] == [(b"v=spf1 ", b"-all")]

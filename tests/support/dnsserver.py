@@ -17,6 +17,10 @@ Behaviour (RFC 1034 §4.3.2, RFC 1035, RFC 6891):
 * UDP answers bigger than 512 bytes (no EDNS) or the client's EDNS payload size are truncated
   with TC set, so clients retry over TCP (RFC 7766); TCP answers up to 64 KiB;
 * `set_servfail(name)` answers SERVFAIL, `set_silent(name)` never answers (client timeouts);
+  `set_silent(name, missing_only=True)` stays silent only for types with no records there
+  (the RFC 7208 test suite's "TIMEOUT" entries);
+* `add_txt(..., rtype="SPF")` serves the same data as type SPF (99, RFC 4408 §3.1.1), and a
+  list of strings is served as exactly those character-strings;
 * `authenticated = True` sets the AD bit when the query had DO or AD, as a validating resolver
   would (RFC 6840 §5.7);
 * `queries` records (transport, name, type) of every query received; `errors` holds the
@@ -32,7 +36,7 @@ import struct
 import textwrap
 import threading
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import dns.exception
 import dns.flags
@@ -44,6 +48,7 @@ import dns.rdata
 import dns.rdataclass
 import dns.rdataset
 import dns.rdatatype
+import dns.rdtypes.ANY.SPF
 import dns.rdtypes.ANY.TXT
 import dns.rrset
 import dns.tokenizer
@@ -65,10 +70,17 @@ def _chunks(data: bytes) -> list[bytes]:
     return [data[i : i + MAX_STRING] for i in range(0, len(data), MAX_STRING)] or [b""]
 
 
-def txt_rdata(text: str | bytes) -> dns.rdata.Rdata:
-    """A TXT rdata for one logical text, split into 255-octet character-strings."""
-    data = text.encode("utf-8") if isinstance(text, str) else text
-    return dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, _chunks(data))
+def txt_rdata(text: str | bytes | Sequence[str | bytes], rtype: str = "TXT") -> dns.rdata.Rdata:
+    """A TXT (or SPF) rdata for one logical text, split into 255-octet character-strings.
+    A list or tuple is taken as the character-strings themselves (each at most 255 octets)."""
+    if isinstance(text, str | bytes):
+        data = text.encode("utf-8") if isinstance(text, str) else text
+        strings = _chunks(data)
+    else:
+        strings = [s.encode("utf-8") if isinstance(s, str) else s for s in text]
+    if rtype.upper() == "SPF":
+        return dns.rdtypes.ANY.SPF.SPF(dns.rdataclass.IN, dns.rdatatype.SPF, strings)
+    return dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, strings)
 
 
 def _txt_from_value(value: str) -> dns.rdata.Rdata:
@@ -93,6 +105,7 @@ class DnsServer:
         self._zone: dict[dns.name.Name, dict[int, dns.rdataset.Rdataset]] = {}
         self._servfail: set[dns.name.Name] = set()
         self._silent: set[dns.name.Name] = set()
+        self._silent_missing: set[dns.name.Name] = set()
         self.authenticated = False
         self.queries: list[tuple[str, str, str]] = []
         # Tracebacks of bugs hit while answering (answered SERVFAIL); fixtures check it's empty.
@@ -176,9 +189,17 @@ class DnsServer:
             )
         self._add_rdata(_name(name), rdata, ttl)
 
-    def add_txt(self, name: str, text: str | bytes, ttl: int = 60) -> None:
-        """Add one TXT record holding `text`, split into 255-octet strings as needed."""
-        self._add_rdata(_name(name), txt_rdata(text), ttl)
+    def add_txt(
+        self,
+        name: str,
+        text: str | bytes | Sequence[str | bytes],
+        ttl: int = 60,
+        *,
+        rtype: str = "TXT",
+    ) -> None:
+        """Add one TXT record holding `text`, split into 255-octet strings as needed (a list
+        gives the strings themselves). `rtype="SPF"` adds a type SPF (99) record instead."""
+        self._add_rdata(_name(name), txt_rdata(text, rtype), ttl)
 
     def _add_rdata(self, name: dns.name.Name, rdata: dns.rdata.Rdata, ttl: int) -> None:
         with self._lock:
@@ -198,6 +219,7 @@ class DnsServer:
                 self._zone.pop(key, None)
                 self._servfail.discard(key)
                 self._silent.discard(key)
+                self._silent_missing.discard(key)
                 return
             types = self._zone.get(key, {})
             types.pop(dns.rdatatype.from_text(rtype), None)
@@ -209,6 +231,7 @@ class DnsServer:
             self._zone.clear()
             self._servfail.clear()
             self._silent.clear()
+            self._silent_missing.clear()
             self.queries.clear()
 
     def set_servfail(self, name: str, on: bool = True) -> None:
@@ -216,10 +239,12 @@ class DnsServer:
         with self._lock:
             (self._servfail.add if on else self._servfail.discard)(_name(name))
 
-    def set_silent(self, name: str, on: bool = True) -> None:
-        """Never answer queries about `name`, so clients time out."""
+    def set_silent(self, name: str, on: bool = True, *, missing_only: bool = False) -> None:
+        """Never answer queries about `name`, so clients time out. With `missing_only`, stay
+        silent only when asked for a type that has no records at `name`."""
+        silent = self._silent_missing if missing_only else self._silent
         with self._lock:
-            (self._silent.add if on else self._silent.discard)(_name(name))
+            (silent.add if on else silent.discard)(_name(name))
 
     def load_zone_text(self, origin: str, text: str) -> None:
         """Merge zone-file text (RFC 1035 §5); relative names are relative to `origin`.
@@ -269,6 +294,8 @@ class DnsServer:
         with self._lock:
             self.queries.append((transport, qname.to_text(), dns.rdatatype.to_text(qtype)))
             if qname in self._silent:
+                return None
+            if qname in self._silent_missing and qtype not in self._zone.get(qname, {}):
                 return None
             if qname in self._servfail:
                 response.set_rcode(dns.rcode.SERVFAIL)
