@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import Request
+from starlette.requests import HTTPConnection
 
 from inbox.graphql.context import Context
 from inbox.graphql.schema import build_schema
 
 
-async def get_context(request: Request) -> Context:
-    return Context(request.app.state.services)
+async def get_context(connection: HTTPConnection) -> Context:
+    # HTTPConnection (not Request) so the same getter serves websocket subscriptions.
+    return Context(connection.app.state.services)
 
 
 def graphql_router() -> Any:

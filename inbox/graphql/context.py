@@ -23,13 +23,24 @@ class Context(BaseContext):
     async def principal(self, scope: str) -> Principal:
         """The caller, checked for `scope`; raises Unauthenticated / Forbidden."""
         if self._principal is None:
-            header = self.request.headers.get("authorization", "") if self.request else ""
-            scheme, _, token = header.partition(" ")
+            scheme, _, token = self._authorization().partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 raise Unauthenticated("send 'Authorization: Bearer <API key>'")
             self._principal = await self.services.auth.authenticate(self.services.db, token)
         self._principal.require(scope)
         return self._principal
+
+    def _authorization(self) -> str:
+        """The Authorization header; for a websocket without one, the `Authorization` entry of
+        the graphql-transport-ws `connection_init` payload (browsers cannot set headers on a
+        websocket upgrade)."""
+        header = self.request.headers.get("authorization", "") if self.request else ""
+        if header or not isinstance(self.connection_params, dict):
+            return header
+        for name, value in self.connection_params.items():
+            if str(name).lower() == "authorization" and isinstance(value, str):
+                return value
+        return ""
 
     async def _batch(self, table: str, order: str, ids: list[str]) -> list[list[dict[str, Any]]]:
         assert self._principal is not None  # loaders run only under an authorised field

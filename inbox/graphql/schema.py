@@ -326,8 +326,15 @@ def build_schema() -> strawberry.Schema:
     # hand out one instance each; a fresh instance per request would cache nothing.
     parser_cache = ParserCache(maxsize=256)
     validation_cache = ValidationCache(maxsize=256)
+    # Receiving-side fields live in mail.py (which uses this module's helpers, hence late).
+    from strawberry.tools import merge_types
+
+    from inbox.graphql.mail import MailMutation, MailQuery, MailSubscription
+
     return InboxSchema(
-        query=Query, mutation=Mutation,
+        query=merge_types("Query", (Query, MailQuery)),
+        mutation=merge_types("Mutation", (Mutation, MailMutation)),
+        subscription=merge_types("Subscription", (MailSubscription,)),
         extensions=[lambda: parser_cache, lambda: validation_cache,
                     lambda: MaskErrors(should_mask_error=_should_mask), ErrorCodes],
     )
