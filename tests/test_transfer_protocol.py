@@ -619,6 +619,22 @@ async def test_stop_lets_a_message_being_stored_get_its_reply(start: Start) -> N
         await asyncio.open_connection("127.0.0.1", server.port)
 
 
+async def test_stop_is_bounded_with_a_silent_tls_peer(start: Start,
+                                                      tls_context: ssl.SSLContext) -> None:
+    server, _ = await start(tls_context=tls_context, shutdown_grace_secs=0.5)
+    client, _ = await Client.open(server.port)
+    await client.cmd("EHLO c")
+    assert (await client.cmd("STARTTLS")).startswith("220 2.0.0")
+    await client.writer.start_tls(client_tls())
+    assert (await client.cmd("EHLO c")).startswith("250-")
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await server.stop()  # the client neither reads nor answers close_notify
+    assert loop.time() - began < 2
+    assert server.active_sessions == 0
+    client.writer.transport.abort()
+
+
 # --- STARTTLS -----------------------------------------------------------------------------
 
 

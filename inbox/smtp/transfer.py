@@ -15,6 +15,7 @@ of each line as sent, i.e. after a CRLF: a dot after a bare CR or LF is content 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import ssl
@@ -84,6 +85,7 @@ class TransferServer:
         self._server: asyncio.Server | None = None
         self._sessions: set[TransferProtocol] = set()
         self._inflight: set[asyncio.Future[Any]] = set()
+        self._drained = asyncio.Event()  # set when the last session is gone
 
     async def start(self) -> None:
         if self._server is not None:
@@ -105,6 +107,11 @@ class TransferServer:
     def active_sessions(self) -> int:
         return len(self._sessions)
 
+    def _session_ended(self, session: TransferProtocol) -> None:
+        self._sessions.discard(session)
+        if not self._sessions:
+            self._drained.set()
+
     async def stop(self) -> None:
         """Stop accepting; let messages being handed to the policy get their reply (up to
         `shutdown_grace_secs`); then close every session with 421 4.3.2 and wait for them."""
@@ -119,4 +126,12 @@ class TransferServer:
             session.close(f"421 4.3.2 {self.hostname} Service shutting down")
         if handlers:
             await asyncio.wait(handlers, timeout=self.shutdown_grace_secs)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.shutdown_grace_secs
+        while self._sessions and loop.time() < deadline:  # TLS close_notify exchanges
+            self._drained.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), deadline - loop.time())
+        for session in list(self._sessions):  # peers that did not let go in time
+            session.abort()
         await server.wait_closed()

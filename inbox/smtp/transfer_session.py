@@ -108,7 +108,7 @@ class TransferProtocol(SMTP):
             self.server._sessions.add(self)
 
     def connection_lost(self, error: Exception | None) -> None:
-        self.server._sessions.discard(self)
+        self.server._session_ended(self)
         super().connection_lost(error)
 
     def close(self, last_reply: str | None = None) -> None:
@@ -121,6 +121,12 @@ class TransferProtocol(SMTP):
         if self._handler_coroutine is not None and \
                 self._handler_coroutine is not asyncio.current_task():
             self._handler_coroutine.cancel()
+
+    def abort(self) -> None:
+        """Drop the connection now (no TLS close_notify exchange, no flushing)."""
+        for transport in (self.transport, self._original_transport):
+            if transport is not None:
+                transport.abort()  # type: ignore[attr-defined]
 
     def _timeout_cb(self) -> None:
         log.info("smtp %s %s: timeout", self.session_id, self.peer_ip)
