@@ -132,6 +132,7 @@ def service_env(data_dir: Path, **values: str) -> dict[str, str]:
         "INBOX_LOG_LEVEL": "WARNING",
         "OTEL_TRACES_EXPORTER": "none",
         "PYTHONUNBUFFERED": "1",
+        "INBOX_SMTP_TRANSFER_ENABLED": "false",  # this benchmark measures sending only
     })
     env.update(values)
     return env

@@ -1,4 +1,5 @@
-"""CLI: `inbox serve | worker | org create | domain add | apikey create | schema`."""
+"""CLI: `inbox serve | worker | org create | domain add | apikey create | mailbox create |
+keygen | decrypt | schema`."""
 
 from __future__ import annotations
 
@@ -68,6 +69,57 @@ def cmd_apikey_create(args: argparse.Namespace, settings: Settings) -> None:
     asyncio.run(_with_services(settings, run))
 
 
+def cmd_mailbox_create(args: argparse.Namespace, settings: Settings) -> None:
+    from inbox.tenancy import get_organization
+    from inbox.tenancy.mailboxes import create_mailbox
+
+    async def run(s: Any) -> None:
+        await get_organization(s.db, args.org)
+        row = await create_mailbox(s.db, args.org, args.domain, args.local_part, s.clock())
+        _print(args, {"id": row["id"], "address": row["address"]},
+               f"mailbox {row['id']} <{row['address']}>")
+
+    asyncio.run(_with_services(settings, run))
+
+
+def cmd_keygen(args: argparse.Namespace, settings: Settings) -> None:
+    """An X25519 key pair for end-to-end encrypted mail: register the public key with
+    setE2eePublicKey; keep the private key yourself (we never see it)."""
+    from inbox.storage.envelope import generate_keypair
+
+    private, public = generate_keypair()
+    _print(args, {"private_key": private, "public_key": public},
+           f"public key (register it): {public}\nprivate key (keep it secret): {private}")
+
+
+def cmd_decrypt(args: argparse.Namespace, settings: Settings) -> None:
+    """Decrypt an e2ee message (or attachment) as returned by the API: `raw` (base64 or the
+    bytes in a file), its `wrappedKey` and the message id (and part id) it is bound to."""
+    import base64
+    import binascii
+    from pathlib import Path
+
+    from inbox.errors import ValidationError
+    from inbox.storage.envelope import decrypt_message
+    from inbox.storage.mailstore import e2ee_aad
+
+    private = (Path(args.key_file).read_text().strip() if args.key_file
+               else sys.stdin.readline().strip())
+    data = Path(args.input).read_bytes() if args.input != "-" else sys.stdin.buffer.read()
+    try:
+        wrapped = base64.b64decode(args.wrapped_key, validate=True)
+        if args.base64:
+            data = base64.b64decode(data, validate=False)
+    except (binascii.Error, ValueError):
+        raise ValidationError("--wrapped-key / input is not valid base64") from None
+    plain = decrypt_message(private, wrapped, data,
+                            aad=e2ee_aad(args.message_id, args.part).encode())
+    if args.output in (None, "-"):
+        sys.stdout.buffer.write(plain)
+    else:
+        Path(args.output).write_bytes(plain)
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     import uvicorn
 
@@ -124,7 +176,21 @@ def parser() -> argparse.ArgumentParser:
     kc.add_argument("org")
     kc.add_argument("--scope", action="append", choices=["send", "read", "admin"])
     kc.add_argument("--name")
-    for sp in (oc, da, kc):
+    mb = sub.add_parser("mailbox").add_subparsers(dest="action", required=True)
+    mc = mb.add_parser("create")
+    mc.add_argument("org")
+    mc.add_argument("domain")
+    mc.add_argument("local_part")
+    kg = sub.add_parser("keygen", help="make an X25519 key pair for end-to-end encrypted mail")
+    dc = sub.add_parser("decrypt", help="decrypt an end-to-end encrypted message or attachment")
+    dc.add_argument("input", help="file with the ciphertext ('-' = stdin)")
+    dc.add_argument("--wrapped-key", required=True, help="the message's wrappedKey (base64)")
+    dc.add_argument("--message-id", required=True, help="the message's id (it is bound to it)")
+    dc.add_argument("--part", help="attachment part id, when decrypting an attachment")
+    dc.add_argument("--key-file", help="file holding the private key (default: read stdin)")
+    dc.add_argument("--base64", action="store_true", help="input is base64 (as the API sends)")
+    dc.add_argument("-o", "--output", help="where to write the plaintext (default: stdout)")
+    for sp in (oc, da, kc, mc, kg):
         # SUPPRESS: `inbox --json org create` must not be reset by the subcommand's default.
         sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="machine-readable output")
@@ -134,7 +200,8 @@ def parser() -> argparse.ArgumentParser:
 COMMANDS = {
     ("serve", None): cmd_serve, ("worker", None): cmd_worker, ("schema", None): cmd_schema,
     ("org", "create"): cmd_org_create, ("domain", "add"): cmd_domain_add,
-    ("apikey", "create"): cmd_apikey_create,
+    ("apikey", "create"): cmd_apikey_create, ("mailbox", "create"): cmd_mailbox_create,
+    ("keygen", None): cmd_keygen, ("decrypt", None): cmd_decrypt,
 }
 
 

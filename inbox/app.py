@@ -43,6 +43,13 @@ class Services:
     # Domain verification asks DNS afresh: a tenant who just published a record and presses
     # "verify" must not wait out our negative cache.
     verify_resolver: Any = None
+    # Receiving (port 25) and stored mail.
+    blobs: Any = None
+    org_keys: Any = None
+    mailstore: Any = None
+    limiter: Any = None
+    pubsub: Any = None
+    inbound: Any = None
     clock: Callable[[], datetime] = utcnow
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -79,6 +86,7 @@ async def build_services(settings: Settings, **overrides: Any) -> Services:
     resolver = overrides.pop("resolver", None) or Resolver(
         settings.INBOX_DNS_NAMESERVERS or None, timeout=settings.INBOX_DNS_TIMEOUT_SECS)
     transport = overrides.pop("transport", None) or build_transport(settings)
+    blobs = overrides.pop("blobs", None)
     services = Services(
         settings=settings, db=db, resolver=resolver, transport=transport, box=box,
         queue=Queue(db), signers=SignerCache(db, box, settings.SMTP_DKIM_HEADERS,
@@ -89,7 +97,85 @@ async def build_services(settings: Settings, **overrides: Any) -> Services:
             settings.INBOX_DNS_NAMESERVERS or None, timeout=settings.INBOX_DNS_TIMEOUT_SECS,
             cache=False),
     )
-    return replace(services, **overrides) if overrides else services
+    services = replace(services, **overrides) if overrides else services
+    return _with_inbound(services, blobs=blobs)
+
+
+def build_blobs(settings: Settings) -> Any:
+    from inbox.storage.blobs import build_blob_store
+
+    return build_blob_store(
+        endpoint=settings.S3_ENDPOINT, bucket=settings.S3_BUCKET,
+        access_key_id=settings.S3_ACCESS_KEY_ID,
+        secret_access_key=settings.S3_SECRET_ACCESS_KEY, region=settings.S3_REGION,
+        force_path_style=settings.S3_FORCE_PATH_STYLE, local_dir=settings.incoming_dir)
+
+
+def _with_inbound(services: Services, *, blobs: Any) -> Services:
+    """The stored-mail side, built on the (possibly overridden) core services."""
+    from inbox.pubsub import PubSub
+    from inbox.storage.mailstore import MailStore
+    from inbox.storage.ratelimits import RateLimiter
+    from inbox.tenancy.orgkeys import OrgKeys
+
+    s = services.settings
+    blobs = services.blobs or blobs or build_blobs(s)
+    org_keys = services.org_keys or OrgKeys(services.db, services.box)
+    mailstore = services.mailstore or MailStore(services.db, blobs, org_keys,
+                                                keep_parts=s.INBOX_STORE_PARSED_PARTS)
+    return replace(services, blobs=blobs, org_keys=org_keys, mailstore=mailstore,
+                   limiter=services.limiter or RateLimiter(services.db),
+                   pubsub=services.pubsub or PubSub())
+
+
+def build_inbound(services: Services) -> Any:
+    """The policy behind port 25 (rate limits, recipients, authentication, storage)."""
+    from publicsuffixlist import PublicSuffixList
+
+    from inbox.smtp.receiving import InboundLimits, InboundService
+
+    s = services.settings
+    return InboundService(
+        db=services.db, resolver=services.resolver, mailstore=services.mailstore,
+        limiter=services.limiter, pubsub=services.pubsub, psl=PublicSuffixList(),
+        hostname=s.SERVER_HOSTNAME,
+        limits=InboundLimits(
+            connections_per_minute=s.SMTP_RATE_LIMIT_CONNECTIONS_PER_MINUTE,
+            messages_per_minute=s.SMTP_RATE_LIMIT_MESSAGES_PER_MINUTE,
+            fail_open=s.SMTP_RATE_LIMIT_FAIL_OPEN_ON_DB_ERROR,
+            require_spf=s.SMTP_REQUIRE_SPF_PASS, require_dkim=s.SMTP_REQUIRE_DKIM_PASS,
+            require_dmarc=s.SMTP_REQUIRE_DMARC_PASS, keep_parts=s.INBOX_STORE_PARSED_PARTS),
+        clock=services.clock)
+
+
+@contextlib.asynccontextmanager
+async def running_transfer(services: Services, *, port: int | None = None
+                           ) -> AsyncIterator[Any]:
+    """Run the inbound SMTP transfer server (port 25) in this event loop for the block."""
+    from inbox.smtp.certs import load_tls_context
+    from inbox.smtp.transfer import TransferServer
+
+    s = services.settings
+    server = TransferServer(
+        services.inbound or build_inbound(services), hostname=s.SERVER_HOSTNAME, host=s.SERVER_BIND_ADDR,
+        port=s.SMTP_TRANSFER_PORT if port is None else port,
+        tls_context=load_tls_context(s.SMTP_TLS_CERT_FILE, s.SMTP_TLS_KEY_FILE,
+                                     s.INBOX_DATA_DIR / "tls", s.SERVER_HOSTNAME),
+        max_message_bytes=s.SMTP_MAX_MESSAGE_BYTES, max_recipients=s.SMTP_INBOUND_MAX_RCPT_TO,
+        max_connections=s.SERVER_MAX_CONNECTIONS,
+        command_timeout_secs=s.SMTP_COMMAND_TIMEOUT_SECS,
+        data_timeout_secs=s.SMTP_DATA_TIMEOUT_SECS)
+    try:
+        await server.start()
+    except OSError as exc:
+        from inbox.errors import ConfigError
+
+        raise ConfigError(f"SMTP_TRANSFER_PORT: cannot listen on {s.SERVER_BIND_ADDR}:"
+                          f"{s.SMTP_TRANSFER_PORT}: {exc.strerror or exc}") from None
+    try:
+        yield server
+    finally:
+        await server.stop()
 
 
 @contextlib.asynccontextmanager
@@ -107,7 +193,8 @@ async def running_workers(services: Services, count: int = 1) -> AsyncIterator[N
             await aclose()  # pooled SMTP sessions: QUIT politely
 
 
-def create_app(settings: Settings, *, workers: bool = True, **overrides: Any) -> Any:
+def create_app(settings: Settings, *, workers: bool = True, transfer: bool = True,
+               **overrides: Any) -> Any:
     """The ASGI app: GraphQL at /graphql, health at /healthz; workers run in its lifespan."""
     from fastapi import FastAPI
 
@@ -118,10 +205,11 @@ def create_app(settings: Settings, *, workers: bool = True, **overrides: Any) ->
         services = await build_services(settings, **overrides)
         app.state.services = services
         try:
-            if workers:
-                async with running_workers(services):
-                    yield
-            else:
+            async with contextlib.AsyncExitStack() as stack:
+                if transfer and settings.INBOX_SMTP_TRANSFER_ENABLED:
+                    await stack.enter_async_context(running_transfer(services))
+                if workers:
+                    await stack.enter_async_context(running_workers(services))
                 yield
         finally:
             await services.db.close()

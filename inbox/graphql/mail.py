@@ -112,7 +112,7 @@ class MailQuery:
         size = _page_size(first)
         services = info.context.services
         await mbx.get_mailbox(services.db, p.org, str(mailbox))
-        rows = await services.mailstore.list(
+        rows = await services.mailstore.list_messages(
             p.org, str(mailbox), folder=folder.value, unread=unread, starred=starred,
             from_address=from_, search=search, first=size, after=after)
         edges = [InboundMessageEdge(cursor=r["id"], node=InboundMessage.of(r))

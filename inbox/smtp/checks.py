@@ -88,6 +88,9 @@ def decide(outcome: AuthOutcome, *, require_spf: bool, require_dkim: bool,
     dkim_temp = any(d.result == "temperror" for d in outcome.dkim)
     if dmarc.result == "temperror":
         raise AuthTemporary("DNS failure while checking DMARC; try again later")
+    if dmarc.result == "permerror" and dmarc.disposition == "reject":
+        # RFC 7489 §6.6.1: without exactly one author domain DMARC cannot protect anyone.
+        raise PolicyRejected(f"message must have exactly one From address ({dmarc.reason})")
     if dmarc.result == "fail" and dmarc.disposition in ("reject", "quarantine") and (
             spf == "temperror" or dkim_temp):
         # A temporary DNS failure may be what made DMARC fail: do not act on it yet.

@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 FOLDERS = ("INBOX", "SPAM", "TRASH")
 
 
+def e2ee_aad(message_id: str, part_id: str | None = None) -> str:
+    """What an e2ee blob is bound to: our message id (and the attachment's part id), so a
+    blob moved to another message or part fails to decrypt. Tenants pass it when decrypting."""
+    return message_id if part_id is None else f"{message_id}/{part_id}"
+
+
 @dataclass
 class Delivery:
     """One copy of an inbound message for one mailbox."""
@@ -99,14 +105,14 @@ class MailStore:
         e2ee = d.enc_mode == "e2ee"
         data_key = envelope.new_data_key() if e2ee else b""
 
-        def seal(k: str, data: bytes) -> bytes:
-            return envelope.encrypt_part(data_key, data, aad=k.encode()) if e2ee else data
+        def seal(aad: str, data: bytes) -> bytes:
+            return envelope.encrypt_part(data_key, data, aad=aad.encode()) if e2ee else data
 
-        blobs = [(msg_key, seal(msg_key, raw))]
+        blobs = [(msg_key, seal(e2ee_aad(mid), raw))]
         attachments = []
         for att in parsed.attachments:
             akey = attachment_key(d.org, d.mailbox, mid, att.part_id)
-            blobs.append((akey, seal(akey, att.data)))
+            blobs.append((akey, seal(e2ee_aad(mid, att.part_id), att.data)))
             info: dict[str, Any] = {"part_id": att.part_id, "size": att.size, "key": akey}
             if not e2ee:
                 info.update(filename=att.filename, content_type=att.content_type,
@@ -174,7 +180,7 @@ class MailStore:
             raise NotFound(f"message {message_id} not found", field=["id"])
         return row[0]
 
-    async def list(self, org: str, mailbox: str, *, folder: str = "INBOX",
+    async def list_messages(self, org: str, mailbox: str, *, folder: str = "INBOX",
                    unread: bool | None = None, starred: bool | None = None,
                    from_address: str | None = None, search: str | None = None,
                    first: int = 50, after: str | None = None) -> list[dict[str, Any]]:

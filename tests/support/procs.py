@@ -34,6 +34,7 @@ def inbox_env(data_dir: Path, **settings: object) -> dict[str, str]:
     names = set(setting_names())
     env = {k: v for k, v in os.environ.items() if k not in names}
     env["INBOX_DATA_DIR"] = str(data_dir)
+    env["SMTP_TRANSFER_PORT"] = "0"  # never port 25 in tests; a test that needs it picks one
     env.update({k: str(v) for k, v in settings.items()})
     return env
 

@@ -1,0 +1,417 @@
+"""Inbound end to end over real peers: SMTP clients (aiosmtplib, swaks, our own outbound spine)
+→ our port-25 server → SPF/DKIM/DMARC against the loopback DNS server → encrypted blobs + the
+real embedded database → GraphQL over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import shutil
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from inbox.app import running_transfer, running_workers
+from inbox.tenancy.mailboxes import add_alias, create_mailbox, set_inbound_settings
+from tests.conftest import SEND, Stack, make_settings, make_tenant, run_stack, wait_status
+from tests.support.dnsserver import DnsServer
+
+HOSTNAME = "mx.inbox.test"
+SENDER = "sender.example"
+
+
+@dataclass
+class Inbound:
+    stack: Stack
+    port: int
+    org: str
+    key: str
+    mailbox: str
+    domain: str
+
+
+def _sender_key() -> tuple[bytes, str]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM,
+                            serialization.PrivateFormat.TraditionalOpenSSL,
+                            serialization.NoEncryption())
+    pub = key.public_key().public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    return pem, base64.b64encode(pub).decode()
+
+
+SENDER_PEM, SENDER_PUB = _sender_key()
+
+
+def publish_sender(dns: DnsServer, *, spf: str = "v=spf1 ip4:127.0.0.1 -all",
+                   dmarc: str | None = "v=DMARC1; p=reject") -> None:
+    dns.add_txt(SENDER, spf)
+    dns.add_txt(f"s1._domainkey.{SENDER}", f"v=DKIM1; k=rsa; p={SENDER_PUB}")
+    if dmarc:
+        dns.add_txt(f"_dmarc.{SENDER}", dmarc)
+
+
+def message(subject: str = "Hello", *, sender: str = f"alice@{SENDER}",
+            to: str = "info@rcpt.test", extra: str = "", sign: bool = True,
+            body: str = "Hi there,\r\nthis is a test.\r\n") -> bytes:
+    raw = (f"From: Alice <{sender}>\r\nTo: {to}\r\nSubject: {subject}\r\n"
+           f"Date: Sun, 22 Nov 2026 10:00:00 +0000\r\nMessage-ID: <{subject.replace(' ', '.')}"
+           f"@{SENDER}>\r\n{extra}MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8"
+           f"\r\n\r\n{body}").encode()
+    if sign:
+        sig = dkim.sign(raw, b"s1", SENDER.encode(), SENDER_PEM,
+                        include_headers=[b"from", b"to", b"subject", b"date", b"message-id"])
+        raw = sig + raw
+    return raw
+
+
+@contextlib.asynccontextmanager
+async def inbound_stack(tmp_path: Path, dns: DnsServer, **settings: Any
+                        ) -> AsyncIterator[Inbound]:
+    values: dict[str, Any] = {"SERVER_HOSTNAME": HOSTNAME, "INBOX_DB_SYNC": "false"}
+    values.update(settings)
+    async with run_stack(make_settings(tmp_path, dns, **values), dns, workers=False) as stack:
+        tenant = await make_tenant(stack.services, dns, "rcpt.test")
+        box = await create_mailbox(stack.services.db, tenant.org, "rcpt.test", "info",
+                                   stack.services.clock())
+        async with running_transfer(stack.services, port=0) as server:
+            yield Inbound(stack, server.port, tenant.org, tenant.key, box["id"], "rcpt.test")
+
+
+@pytest.fixture
+async def inbound(tmp_path: Path, dns_server: DnsServer) -> AsyncIterator[Inbound]:
+    publish_sender(dns_server)
+    async with inbound_stack(tmp_path, dns_server) as ib:
+        yield ib
+
+
+async def send(port: int, raw: bytes, rcpts: list[str], *, sender: str = f"alice@{SENDER}"
+               ) -> tuple[int, str]:
+    """One message over a fresh session; the reply to DATA (or the first refusal)."""
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=20,
+                             local_hostname=f"mail.{SENDER}", validate_certs=False)
+    await client.connect()
+    try:
+        errors, reply = await client.sendmail(sender, rcpts, raw)
+        return 250, reply
+    except aiosmtplib.SMTPRecipientsRefused as exc:
+        first = exc.recipients[0]
+        return first.code, first.message
+    except aiosmtplib.SMTPResponseException as exc:
+        return exc.code, exc.message
+    finally:
+        with contextlib.suppress(Exception):
+            await client.quit()
+
+
+LIST = """
+query L($mb: ID!, $folder: InboundFolder) {
+  inboundMessages(mailbox: $mb, folder: $folder, first: 20) {
+    edges { node { id subject from folder } }
+  }
+}"""
+
+DETAIL = """
+query D($id: ID!) {
+  inboundMessage(id: $id) {
+    id subject text raw headers { name value }
+    authentication { spf dmarc arc header dkim { result domain selector } }
+    spam { verdict reasons }
+  }
+}"""
+
+
+async def listed(ib: Inbound, folder: str = "INBOX") -> list[dict[str, Any]]:
+    data = await ib.stack.api(LIST, {"mb": ib.mailbox, "folder": folder}, key=ib.key)
+    assert "errors" not in data, data
+    return [e["node"] for e in data["data"]["inboundMessages"]["edges"]]
+
+
+async def stored_count(ib: Inbound) -> int:
+    rows = await ib.stack.services.db.one("SELECT count() AS n FROM inbound_message GROUP ALL")
+    return rows[0]["n"] if rows else 0
+
+
+def blob_files(ib: Inbound) -> list[Path]:
+    root = ib.stack.settings.incoming_dir
+    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+
+
+async def test_signed_message_is_authenticated_stored_encrypted_and_readable(
+        inbound: Inbound) -> None:
+    forged = f"Authentication-Results: {HOSTNAME}; spf=pass; dkim=pass; dmarc=pass\r\n"
+    raw = message("Welcome", extra=forged)
+    code, reply = await send(inbound.port, raw, ["info@rcpt.test"])
+    assert code == 250, reply
+    [row] = await listed(inbound)
+    assert row["subject"] == "Welcome" and row["folder"] == "INBOX"
+    data = await inbound.stack.api(DETAIL, {"id": row["id"]}, key=inbound.key)
+    detail = data["data"]["inboundMessage"]
+    auth = detail["authentication"]
+    assert (auth["spf"], auth["dmarc"]) == ("pass", "pass"), auth
+    assert [d["result"] for d in auth["dkim"]] == ["pass"]
+    assert auth["header"].startswith(f"Authentication-Results: {HOSTNAME};")
+    stored = base64.b64decode(detail["raw"])
+    # Exactly one AR header claims our authserv-id: ours, at the top; the forged one is gone.
+    ours = [h for h in detail["headers"] if h["name"].lower() == "authentication-results"
+            and h["value"].strip().lower().startswith(HOSTNAME)]
+    assert len(ours) == 1 and "spf=pass" in ours[0]["value"]
+    assert b"dkim=pass; dmarc=pass\r\n" not in stored
+    assert stored.endswith(b"this is a test.\r\n")
+    assert "this is a test." in detail["text"]
+    # Encrypted at rest: nothing on disk contains the subject or the body.
+    files = blob_files(inbound)
+    assert files, "no blob was written"
+    for path in files:
+        content = path.read_bytes()
+        assert b"Welcome" not in content and b"this is a test" not in content
+
+
+@pytest.mark.parametrize(("rcpt", "code", "enhanced"), [
+    ("someone@elsewhere.test", 550, "5.7.1"),
+    ("nobody@rcpt.test", 550, "5.1.1"),
+    ("info@sub.rcpt.test", 550, "5.7.1"),
+], ids=["relay-denied", "unknown-user", "subdomain-not-hosted"])
+async def test_recipients_that_are_not_ours_are_refused(inbound: Inbound, rcpt: str, code: int,
+                                                        enhanced: str) -> None:
+    got, reply = await send(inbound.port, message(), [rcpt])
+    assert got == code and reply.startswith(enhanced), (got, reply)
+    assert await stored_count(inbound) == 0
+
+
+async def test_plus_address_alias_and_catch_all(inbound: Inbound) -> None:
+    services = inbound.stack.services
+    now = services.clock()
+    await add_alias(services.db, inbound.org, "sales@rcpt.test", inbound.mailbox, now)
+    for rcpt in ("info+news@rcpt.test", "SALES@rcpt.test"):
+        code, reply = await send(inbound.port, message(f"to {rcpt}"), [rcpt])
+        assert code == 250, reply
+    code, _ = await send(inbound.port, message("lost"), ["random@rcpt.test"])
+    assert code == 550
+    await set_inbound_settings(services.db, inbound.org, "rcpt.test",
+                               {"catch_all": inbound.mailbox, "plus_addressing": False})
+    code, reply = await send(inbound.port, message("caught"), ["random@rcpt.test"])
+    assert code == 250, reply
+    subjects = sorted(r["subject"] for r in await listed(inbound))
+    assert subjects == ["caught", "to SALES@rcpt.test", "to info+news@rcpt.test"]
+
+
+@pytest.mark.parametrize(("dmarc", "sign", "outcome"), [
+    ("v=DMARC1; p=reject", False, "550 5.7.1"),
+    ("v=DMARC1; p=quarantine", False, "SPAM"),
+    # DMARC asks for nothing, but an SPF hard fail on unsigned mail still goes to Spam.
+    ("v=DMARC1; p=none", False, "SPAM"),
+    ("v=DMARC1; p=reject", True, "INBOX"),
+], ids=["reject", "quarantine", "none", "signed-passes"])
+async def test_dmarc_policy_of_the_sender_is_applied(tmp_path: Path, dns_server: DnsServer,
+                                                     dmarc: str, sign: bool,
+                                                     outcome: str) -> None:
+    # SPF fails (the sender's record does not list 127.0.0.1), so only DKIM can align.
+    publish_sender(dns_server, spf="v=spf1 ip4:192.0.2.1 -all", dmarc=dmarc)
+    async with inbound_stack(tmp_path, dns_server) as ib:
+        code, reply = await send(ib.port, message("dmarc", sign=sign), ["info@rcpt.test"])
+        if outcome.startswith("550"):
+            assert (code, reply[:5]) == (550, "5.7.1"), (code, reply)
+            assert await stored_count(ib) == 0
+        else:
+            assert code == 250, reply
+            assert [r["subject"] for r in await listed(ib, outcome)] == ["dmarc"]
+
+
+async def test_dns_failure_during_checks_is_a_temporary_refusal(tmp_path: Path,
+                                                                dns_server: DnsServer) -> None:
+    publish_sender(dns_server)
+    dns_server.set_servfail(f"_dmarc.{SENDER}")
+    async with inbound_stack(tmp_path, dns_server) as ib:
+        code, reply = await send(ib.port, message("dns"), ["info@rcpt.test"])
+        assert code == 451 and reply.startswith("4.7."), (code, reply)
+        assert await stored_count(ib) == 0
+
+
+@pytest.mark.parametrize(("setting", "dns_spf", "sign", "code"), [
+    ("SMTP_REQUIRE_SPF_PASS", "v=spf1 -all", True, 550),
+    ("SMTP_REQUIRE_SPF_PASS", "v=spf1 ip4:127.0.0.1 -all", True, 250),
+    ("SMTP_REQUIRE_DKIM_PASS", "v=spf1 ip4:127.0.0.1 -all", False, 550),
+    ("SMTP_REQUIRE_DKIM_PASS", "v=spf1 ip4:127.0.0.1 -all", True, 250),
+], ids=["spf-required-fails", "spf-required-passes", "dkim-required-fails",
+        "dkim-required-passes"])
+async def test_require_pass_settings(tmp_path: Path, dns_server: DnsServer, setting: str,
+                                     dns_spf: str, sign: bool, code: int) -> None:
+    publish_sender(dns_server, spf=dns_spf, dmarc=None)
+    async with inbound_stack(tmp_path, dns_server, **{setting: "true"}) as ib:
+        got, reply = await send(ib.port, message("req", sign=sign), ["info@rcpt.test"])
+        assert got == code, reply
+        assert await stored_count(ib) == (1 if code == 250 else 0)
+
+
+async def test_domain_override_beats_the_global_requirement(tmp_path: Path,
+                                                            dns_server: DnsServer) -> None:
+    publish_sender(dns_server, spf="v=spf1 -all", dmarc=None)
+    async with inbound_stack(tmp_path, dns_server, SMTP_REQUIRE_SPF_PASS="true") as ib:
+        await set_inbound_settings(ib.stack.services.db, ib.org, "rcpt.test",
+                                   {"require_spf_pass": False})
+        code, reply = await send(ib.port, message("override"), ["info@rcpt.test"])
+        assert code == 250, reply
+
+
+@pytest.mark.parametrize(("raw", "enhanced"), [
+    (b"this is not a message at all\r\n", "5.6.0"),
+    (b"Subject: no from\r\n\r\nbody\r\n", "5.6.0"),
+    (b"From: a@sender.example\r\nContent-Type: multipart/mixed\r\n\r\nbody\r\n", "5.6.0"),
+    (b"From: a@sender.example\r\n\r\n\x00\x01\x02binary", "5.6.0"),
+], ids=["no-headers", "no-from", "multipart-without-boundary", "nul-octets"])
+async def test_malformed_messages_are_refused_and_nothing_is_stored(
+        inbound: Inbound, raw: bytes, enhanced: str) -> None:
+    code, reply = await send(inbound.port, raw, ["info@rcpt.test"])
+    assert code == 550 and reply.startswith(enhanced), (code, reply)
+    assert await stored_count(inbound) == 0 and blob_files(inbound) == []
+    # The server keeps serving.
+    code, reply = await send(inbound.port, message("after"), ["info@rcpt.test"])
+    assert code == 250, reply
+
+
+async def test_database_failure_at_index_time_leaves_no_blob(inbound: Inbound) -> None:
+    # A real engine error inside the index transaction, after the blobs were put.
+    await inbound.stack.services.db.run(
+        "DEFINE FIELD OVERWRITE subject ON inbound_message ASSERT $value != 'poison'")
+    code, reply = await send(inbound.port, message("poison"), ["info@rcpt.test"])
+    assert code == 451 and reply.startswith("4.3.0"), (code, reply)
+    assert await stored_count(inbound) == 0
+    assert blob_files(inbound) == []
+
+
+async def test_blob_store_failure_is_a_temporary_refusal(tmp_path: Path,
+                                                          dns_server: DnsServer) -> None:
+    from inbox.storage.blobs import S3BlobStore
+    from tests.support.procs import free_port
+
+    publish_sender(dns_server)
+    dead = S3BlobStore(endpoint=f"http://127.0.0.1:{free_port()}", bucket="b",
+                       access_key_id="k", secret_access_key="s", region="us-east-1",
+                       force_path_style=True)
+    values = {"SERVER_HOSTNAME": HOSTNAME, "INBOX_DB_SYNC": "false"}
+    async with run_stack(make_settings(tmp_path, dns_server, **values), dns_server,
+                         workers=False, blobs=dead) as stack:
+        tenant = await make_tenant(stack.services, dns_server, "rcpt.test")
+        await create_mailbox(stack.services.db, tenant.org, "rcpt.test", "info",
+                             stack.services.clock())
+        async with running_transfer(stack.services, port=0) as server:
+            code, reply = await send(server.port, message("s3 down"), ["info@rcpt.test"])
+    assert code == 451 and reply.startswith("4.3.0"), (code, reply)
+
+
+async def test_connection_rate_limit_is_shared_through_the_database(
+        tmp_path: Path, dns_server: DnsServer) -> None:
+    publish_sender(dns_server)
+    async with inbound_stack(tmp_path, dns_server,
+                             SMTP_RATE_LIMIT_CONNECTIONS_PER_MINUTE="3") as ib:
+        # A second server (as a second instance would be) on the same database.
+        async with running_transfer(ib.stack.services, port=0) as other:
+            codes = []
+            for port in (ib.port, other.port, ib.port, other.port):
+                try:
+                    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=10,
+                                             start_tls=False)
+                    await client.connect()
+                    codes.append(250)
+                    await client.quit()
+                except aiosmtplib.SMTPConnectResponseError as exc:
+                    codes.append(exc.code)
+            assert codes == [250, 250, 250, 421], codes
+
+
+async def test_message_rate_limit(tmp_path: Path, dns_server: DnsServer) -> None:
+    publish_sender(dns_server)
+    async with inbound_stack(tmp_path, dns_server, SMTP_RATE_LIMIT_MESSAGES_PER_MINUTE="2") as ib:
+        results = [await send(ib.port, message(f"m{i}"), ["info@rcpt.test"]) for i in range(3)]
+        assert [c for c, _ in results] == [250, 250, 451], results
+        assert results[2][1].startswith("4.7.0")
+
+
+async def test_swaks_delivers(inbound: Inbound) -> None:
+    swaks = shutil.which("swaks")
+    assert swaks, "swaks is not installed (.ci/run installs it)"
+    proc = await asyncio.create_subprocess_exec(
+        swaks, "--server", f"127.0.0.1:{inbound.port}", "--from", f"bob@{SENDER}",
+        "--to", "info@rcpt.test", "--helo", f"mail.{SENDER}", "--header", "Subject: via swaks",
+        "--body", "swaks body", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, out.decode() + err.decode()
+    assert b"<-  250 2.0.0" in out, out.decode()
+    [row] = await listed(inbound)
+    assert row["subject"] == "via swaks"
+
+
+async def test_our_outbound_spine_delivers_to_our_port_25(tmp_path: Path,
+                                                           dns_server: DnsServer) -> None:
+    """Tenant A sends with sendEmail; DNS routes rcpt.test to our own MX; tenant B reads it
+    with DKIM verified against the keys tenant A was told to publish."""
+    values = {"SERVER_HOSTNAME": HOSTNAME, "INBOX_DB_SYNC": "false",
+              "SMTP_TRANSFER_PORT": "0"}
+    settings = make_settings(tmp_path, dns_server, **values)
+    async with run_stack(settings, dns_server, workers=False) as stack:
+        receiver = await make_tenant(stack.services, dns_server, "rcpt.test", name="B")
+        box = await create_mailbox(stack.services.db, receiver.org, "rcpt.test", "info",
+                                   stack.services.clock())
+        sender = await make_tenant(stack.services, dns_server, "acme.test", name="A")
+        dns_server.add_txt("acme.test", "v=spf1 ip4:127.0.0.1 -all")
+        dns_server.add_txt("_dmarc.acme.test", "v=DMARC1; p=reject")
+        async with running_transfer(stack.services, port=0) as server:
+            dns_server.add("rcpt.test", "MX", "10 mx.rcpt.test.")
+            dns_server.add("mx.rcpt.test", "A", "127.0.0.1")
+            from dataclasses import replace
+
+            from inbox.app import build_transport
+            outbound = stack.settings.model_copy(update={"SMTP_OUTBOUND_PORT": server.port})
+            services = replace(stack.services, settings=outbound,
+                               transport=build_transport(outbound))
+            async with running_workers(services):
+                result = await stack.api(SEND, {
+                    "from": "hello@acme.test", "to": ["info@rcpt.test"],
+                    "subject": "spine to mx", "text": "from our own outbound"}, key=sender.key)
+                msg = result["data"]["sendEmail"]["message"]
+                await wait_status(stack.api, sender.key, msg["id"], {"DELIVERED"})
+        ib = Inbound(stack, server.port, receiver.org, receiver.key, box["id"], "rcpt.test")
+        [row] = await listed(ib)
+        detail = (await stack.api(DETAIL, {"id": row["id"]}, key=receiver.key)
+                  )["data"]["inboundMessage"]
+        assert detail["subject"] == "spine to mx"
+        dkim_results = {(d["domain"], d["result"]) for d in detail["authentication"]["dkim"]}
+        assert dkim_results == {("acme.test", "pass")}, detail["authentication"]
+        assert (detail["authentication"]["spf"], detail["authentication"]["dmarc"]) == ("pass", "pass")
+        # Tenant A cannot read tenant B's mailbox.
+        crossed = await stack.api(LIST, {"mb": box["id"], "folder": "INBOX"}, key=sender.key)
+        assert not (crossed.get("data") or {}).get("inboundMessages", {}).get("edges")
+
+
+async def test_postfix_relays_into_our_port_25(inbound: Inbound) -> None:
+    """A real MTA peer: a private Postfix instance relays a signed message to us."""
+    from tests.support.postfix import PostfixInstance, make_root, remove_root, unavailable
+
+    reason = unavailable()
+    assert reason is None, reason
+    root = make_root()
+    instance = PostfixInstance(root, relay_port=inbound.port)
+    try:
+        await asyncio.to_thread(instance.start)
+        await asyncio.to_thread(instance.inject, message("via postfix"), f"alice@{SENDER}",
+                                ["info@rcpt.test"])
+        await asyncio.to_thread(instance.wait_empty, 30)
+    finally:
+        await asyncio.to_thread(instance.stop)
+        remove_root(root)
+    [row] = await listed(inbound)
+    detail = (await inbound.stack.api(DETAIL, {"id": row["id"]}, key=inbound.key)
+              )["data"]["inboundMessage"]
+    assert detail["subject"] == "via postfix"
+    assert (detail["authentication"]["spf"], detail["authentication"]["dmarc"]) == ("pass", "pass"), detail["authentication"]
+    received = [h["value"] for h in detail["headers"] if h["name"].lower() == "received"]
+    assert any("relay.postfix.test (Postfix" in v for v in received), received
