@@ -157,7 +157,8 @@ async def running_transfer(services: Services, *, port: int | None = None
 
     s = services.settings
     server = TransferServer(
-        services.inbound or build_inbound(services), hostname=s.SERVER_HOSTNAME, host=s.SERVER_BIND_ADDR,
+        services.inbound or build_inbound(services), hostname=s.SERVER_HOSTNAME,
+        host=s.SERVER_BIND_ADDR,
         port=s.SMTP_TRANSFER_PORT if port is None else port,
         tls_context=load_tls_context(s.SMTP_TLS_CERT_FILE, s.SMTP_TLS_KEY_FILE,
                                      s.INBOX_DATA_DIR / "tls", s.SERVER_HOSTNAME),

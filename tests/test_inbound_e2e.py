@@ -386,7 +386,8 @@ async def test_our_outbound_spine_delivers_to_our_port_25(tmp_path: Path,
         assert detail["subject"] == "spine to mx"
         dkim_results = {(d["domain"], d["result"]) for d in detail["authentication"]["dkim"]}
         assert dkim_results == {("acme.test", "pass")}, detail["authentication"]
-        assert (detail["authentication"]["spf"], detail["authentication"]["dmarc"]) == ("pass", "pass")
+        auth = detail["authentication"]
+        assert (auth["spf"], auth["dmarc"]) == ("pass", "pass"), auth
         # Tenant A cannot read tenant B's mailbox.
         crossed = await stack.api(LIST, {"mb": box["id"], "folder": "INBOX"}, key=sender.key)
         assert not (crossed.get("data") or {}).get("inboundMessages", {}).get("edges")
@@ -412,6 +413,7 @@ async def test_postfix_relays_into_our_port_25(inbound: Inbound) -> None:
     detail = (await inbound.stack.api(DETAIL, {"id": row["id"]}, key=inbound.key)
               )["data"]["inboundMessage"]
     assert detail["subject"] == "via postfix"
-    assert (detail["authentication"]["spf"], detail["authentication"]["dmarc"]) == ("pass", "pass"), detail["authentication"]
+    auth = detail["authentication"]
+    assert (auth["spf"], auth["dmarc"]) == ("pass", "pass"), auth
     received = [h["value"] for h in detail["headers"] if h["name"].lower() == "received"]
     assert any("relay.postfix.test (Postfix" in v for v in received), received
