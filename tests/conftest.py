@@ -21,6 +21,7 @@ from inbox.tenancy import add_domain, create_api_key, create_organization, dns_r
 from tests.support.dnsserver import DnsServer
 from tests.support.fixtures_dns import dns_server, resolver  # noqa: F401
 from tests.support.fixtures_smtp import smtp_sink, smtp_sink_tls  # noqa: F401
+from tests.support.localstack import localstack  # noqa: F401  (one per session, shared)
 
 MASTER_KEY = base64.b64encode(b"k" * 32).decode()
 

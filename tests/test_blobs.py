@@ -33,7 +33,7 @@ from inbox.storage.blobs import (
     validate_prefix,
 )
 from tests.support.fixtures_smtp import refused_port
-from tests.support.localstack import LocalStack, localstack
+from tests.support.localstack import LocalStack
 
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(1, 33))

@@ -417,3 +417,103 @@ async def test_postfix_relays_into_our_port_25(inbound: Inbound) -> None:
     assert (auth["spf"], auth["dmarc"]) == ("pass", "pass"), auth
     received = [h["value"] for h in detail["headers"] if h["name"].lower() == "received"]
     assert any("relay.postfix.test (Postfix" in v for v in received), received
+
+
+async def test_s3_sse_c_the_object_needs_the_tenant_key(tmp_path: Path, dns_server: DnsServer,
+                                                        localstack: Any) -> None:
+    """Received over SMTP into a real S3 server that enforces SSE-C: the object cannot be read
+    without the organization's key (nor with another's); the API returns it with the key."""
+    import boto3
+    import botocore.exceptions
+
+    publish_sender(dns_server)
+    s3 = {"S3_ENDPOINT": localstack.endpoint, "S3_BUCKET": "inbound-e2e",
+          "S3_ACCESS_KEY_ID": "test", "S3_SECRET_ACCESS_KEY": "test"}
+    async with inbound_stack(tmp_path, dns_server, **s3) as ib:
+        code, reply = await send(ib.port, message("to s3"), ["info@rcpt.test"])
+        assert code == 250, reply
+        [row] = await listed(ib)
+        detail = (await ib.stack.api(DETAIL, {"id": row["id"]}, key=ib.key)
+                  )["data"]["inboundMessage"]
+        assert base64.b64decode(detail["raw"]).endswith(b"this is a test.\r\n")
+        stored = await ib.stack.services.mailstore.get(ib.org, row["id"])
+        client = boto3.client("s3", endpoint_url=localstack.endpoint, region_name="us-east-1",
+                              aws_access_key_id="test", aws_secret_access_key="test")
+        key = stored["blob_key"]
+        assert key.startswith(f"msg/{ib.org}/{ib.mailbox}/")
+        with pytest.raises(botocore.exceptions.ClientError) as no_key:
+            await asyncio.to_thread(client.get_object, Bucket="inbound-e2e", Key=key)
+        assert no_key.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+        with pytest.raises(botocore.exceptions.ClientError) as wrong_key:
+            await asyncio.to_thread(client.get_object, Bucket="inbound-e2e", Key=key,
+                                    SSECustomerAlgorithm="AES256", SSECustomerKey=b"w" * 32)
+        assert wrong_key.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+        org_key = await ib.stack.services.org_keys.storage_key(ib.org)
+        got = await asyncio.to_thread(client.get_object, Bucket="inbound-e2e", Key=key,
+                                      SSECustomerAlgorithm="AES256", SSECustomerKey=org_key)
+        assert got["Body"].read() == base64.b64decode(detail["raw"])
+
+
+async def test_e2ee_tenant_gets_ciphertext_that_only_its_key_opens(
+        inbound: Inbound, tmp_path: Path) -> None:
+    """Over SMTP into an e2ee domain: the index has no subject, the API returns ciphertext and
+    the wrapped key, and `inbox decrypt` with the tenant's private key gives the message."""
+    import subprocess
+    import sys
+
+    from inbox.storage.envelope import generate_keypair
+    from inbox.tenancy.orgkeys import set_e2ee_public_key
+
+    private, public = generate_keypair()
+    db = inbound.stack.services.db
+    await set_e2ee_public_key(db, inbound.org, public)
+    await set_inbound_settings(db, inbound.org, "rcpt.test", {"enc_mode": "e2ee"})
+    att = ("--B\r\nContent-Type: text/plain\r\n\r\nsecret body text\r\n--B\r\n"
+           "Content-Type: application/pdf\r\nContent-Disposition: attachment; filename=x.pdf\r\n"
+           "\r\nPDFDATA\r\n--B--\r\n")
+    raw = (f"From: Alice <alice@{SENDER}>\r\nTo: info@rcpt.test\r\nSubject: top secret\r\n"
+           f"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n{att}"
+           ).encode()
+    code, reply = await send(inbound.port, raw, ["info@rcpt.test"])
+    assert code == 250, reply
+    row = await inbound.stack.services.mailstore.get(inbound.org,
+                                                     (await listed(inbound))[0]["id"])
+    assert "subject" not in row and "snippet" not in row and row["parts"] == []
+    assert row["auth"]["spf"] == "pass"  # verdicts are metadata and stay readable
+    q = """query D($id: ID!) { inboundMessage(id: $id) { subject text raw wrappedKey e2eeAad
+           attachments { partId filename content e2eeAad } } }"""
+    detail = (await inbound.stack.api(q, {"id": row["id"]}, key=inbound.key)
+              )["data"]["inboundMessage"]
+    assert detail["subject"] is None and detail["text"] is None
+    ciphertext = base64.b64decode(detail["raw"])
+    assert b"top secret" not in ciphertext and b"secret body" not in ciphertext
+    keyfile = tmp_path / "private.key"
+    keyfile.write_text(private)
+    (tmp_path / "msg.b64").write_text(detail["raw"])
+    done = subprocess.run(
+        [sys.executable, "-m", "inbox", "decrypt", str(tmp_path / "msg.b64"), "--base64",
+         "--wrapped-key", detail["wrappedKey"], "--message-id", row["id"],
+         "--key-file", str(keyfile)], capture_output=True, timeout=60, check=False,
+        env={"PATH": "/usr/bin:/bin", "INBOX_DATA_DIR": str(tmp_path / "cli")})
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.startswith(b"Authentication-Results: ")
+    assert done.stdout.endswith(raw)
+    [attachment] = detail["attachments"]
+    assert attachment["filename"] is None
+    (tmp_path / "att.b64").write_text(attachment["content"])
+    done = subprocess.run(
+        [sys.executable, "-m", "inbox", "decrypt", str(tmp_path / "att.b64"), "--base64",
+         "--wrapped-key", detail["wrappedKey"], "--message-id", row["id"],
+         "--part", attachment["partId"], "--key-file", str(keyfile)],
+        capture_output=True, timeout=60, check=False,
+        env={"PATH": "/usr/bin:/bin", "INBOX_DATA_DIR": str(tmp_path / "cli")})
+    assert done.returncode == 0 and done.stdout == b"PDFDATA", done.stderr.decode()
+    # Another private key opens nothing.
+    other, _ = generate_keypair()
+    keyfile.write_text(other)
+    done = subprocess.run(
+        [sys.executable, "-m", "inbox", "decrypt", str(tmp_path / "msg.b64"), "--base64",
+         "--wrapped-key", detail["wrappedKey"], "--message-id", row["id"],
+         "--key-file", str(keyfile)], capture_output=True, timeout=60, check=False,
+        env={"PATH": "/usr/bin:/bin", "INBOX_DATA_DIR": str(tmp_path / "cli")})
+    assert done.returncode == 1 and b"private key" in done.stderr, done.stderr
