@@ -454,13 +454,20 @@ async def test_s3_sse_c_the_object_needs_the_tenant_key(tmp_path: Path, dns_serv
         assert got["Body"].read() == base64.b64decode(detail["raw"])
 
 
+def _decrypt(tmp_path: Path, *args: str) -> Any:
+    """`inbox decrypt ARGS` as a tenant would run it (no inbox settings in its environment)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "inbox", "decrypt", *args],
+                          capture_output=True, timeout=60, check=False,
+                          env={"PATH": "/usr/bin:/bin", "INBOX_DATA_DIR": str(tmp_path / "cli")})
+
+
 async def test_e2ee_tenant_gets_ciphertext_that_only_its_key_opens(
         inbound: Inbound, tmp_path: Path) -> None:
     """Over SMTP into an e2ee domain: the index has no subject, the API returns ciphertext and
     the wrapped key, and `inbox decrypt` with the tenant's private key gives the message."""
-    import subprocess
-    import sys
-
     from inbox.storage.envelope import generate_keypair
     from inbox.tenancy.orgkeys import set_e2ee_public_key
 
@@ -490,30 +497,23 @@ async def test_e2ee_tenant_gets_ciphertext_that_only_its_key_opens(
     keyfile = tmp_path / "private.key"
     keyfile.write_text(private)
     (tmp_path / "msg.b64").write_text(detail["raw"])
-    done = subprocess.run(
-        [sys.executable, "-m", "inbox", "decrypt", str(tmp_path / "msg.b64"), "--base64",
+    done = await asyncio.to_thread(_decrypt, tmp_path, str(tmp_path / "msg.b64"), "--base64",
          "--wrapped-key", detail["wrappedKey"], "--message-id", row["id"],
-         "--key-file", str(keyfile)], capture_output=True, timeout=60, check=False,
-        env={"PATH": "/usr/bin:/bin", "INBOX_DATA_DIR": str(tmp_path / "cli")})
+         "--key-file", str(keyfile))
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout.startswith(b"Authentication-Results: ")
     assert done.stdout.endswith(raw)
     [attachment] = detail["attachments"]
     assert attachment["filename"] is None
     (tmp_path / "att.b64").write_text(attachment["content"])
-    done = subprocess.run(
-        [sys.executable, "-m", "inbox", "decrypt", str(tmp_path / "att.b64"), "--base64",
+    done = await asyncio.to_thread(_decrypt, tmp_path, str(tmp_path / "att.b64"), "--base64",
          "--wrapped-key", detail["wrappedKey"], "--message-id", row["id"],
-         "--part", attachment["partId"], "--key-file", str(keyfile)],
-        capture_output=True, timeout=60, check=False,
-        env={"PATH": "/usr/bin:/bin", "INBOX_DATA_DIR": str(tmp_path / "cli")})
+         "--part", attachment["partId"], "--key-file", str(keyfile))
     assert done.returncode == 0 and done.stdout == b"PDFDATA", done.stderr.decode()
     # Another private key opens nothing.
     other, _ = generate_keypair()
     keyfile.write_text(other)
-    done = subprocess.run(
-        [sys.executable, "-m", "inbox", "decrypt", str(tmp_path / "msg.b64"), "--base64",
+    done = await asyncio.to_thread(_decrypt, tmp_path, str(tmp_path / "msg.b64"), "--base64",
          "--wrapped-key", detail["wrappedKey"], "--message-id", row["id"],
-         "--key-file", str(keyfile)], capture_output=True, timeout=60, check=False,
-        env={"PATH": "/usr/bin:/bin", "INBOX_DATA_DIR": str(tmp_path / "cli")})
+         "--key-file", str(keyfile))
     assert done.returncode == 1 and b"private key" in done.stderr, done.stderr
