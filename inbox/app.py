@@ -144,7 +144,8 @@ def build_inbound(services: Services) -> Any:
             messages_per_minute=s.SMTP_RATE_LIMIT_MESSAGES_PER_MINUTE,
             fail_open=s.SMTP_RATE_LIMIT_FAIL_OPEN_ON_DB_ERROR,
             require_spf=s.SMTP_REQUIRE_SPF_PASS, require_dkim=s.SMTP_REQUIRE_DKIM_PASS,
-            require_dmarc=s.SMTP_REQUIRE_DMARC_PASS, keep_parts=s.INBOX_STORE_PARSED_PARTS),
+            require_dmarc=s.SMTP_REQUIRE_DMARC_PASS, keep_parts=s.INBOX_STORE_PARSED_PARTS,
+            cache_secs=s.INBOX_CACHE_SECS),
         clock=services.clock)
 
 

@@ -187,7 +187,14 @@ async def test_recipients_that_are_not_ours_are_refused(inbound: Inbound, rcpt: 
     assert await stored_count(inbound) == 0
 
 
-async def test_plus_address_alias_and_catch_all(inbound: Inbound) -> None:
+async def test_plus_address_alias_and_catch_all(tmp_path: Path, dns_server: DnsServer) -> None:
+    publish_sender(dns_server)
+    # Domain settings are reused for INBOX_CACHE_SECS; 0 makes the change below immediate.
+    async with inbound_stack(tmp_path, dns_server, INBOX_CACHE_SECS="0") as inbound:
+        await _plus_alias_catch_all(inbound)
+
+
+async def _plus_alias_catch_all(inbound: Inbound) -> None:
     services = inbound.stack.services
     now = services.clock()
     await add_alias(services.db, inbound.org, "sales@rcpt.test", inbound.mailbox, now)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from inbox.errors import RateLimited, StorageUnavailable, TemporaryFailure
+from inbox.errors import RateLimited, RelayDenied, StorageUnavailable, TemporaryFailure
 from inbox.pubsub import PubSub
 from inbox.smtp.authresults import strip_forged_results
 from inbox.smtp.checks import authenticate, decide
@@ -20,7 +21,12 @@ from inbox.smtp.transfer import InboundEnvelope
 from inbox.storage.mailstore import Delivery, InboundMeta, MailStore
 from inbox.storage.mimeparse import check_structure, parse_inbound
 from inbox.storage.ratelimits import RateLimiter
-from inbox.tenancy.mailboxes import InboundRecipient, hosted_domain, resolve_recipient
+from inbox.tenancy.mailboxes import (
+    InboundRecipient,
+    hosted_domain,
+    resolve_recipient,
+    split_address,
+)
 from inbox.tenancy.orgkeys import e2ee_public_key
 
 log = logging.getLogger(__name__)
@@ -37,6 +43,7 @@ class InboundLimits:
     require_dkim: bool
     require_dmarc: bool
     keep_parts: bool
+    cache_secs: float = 5.0  # INBOX_CACHE_SECS: how long a hosted domain's settings are reused
 
 
 def inbound_topic(org: str, mailbox: str) -> str:
@@ -58,6 +65,7 @@ class InboundService:
         self.hostname = hostname
         self.limits = limits
         self.clock = clock
+        self._domains: dict[str, tuple[float, dict[str, Any] | None]] = {}
 
     async def _rate(self, scope: str, key: str, limit: int, what: str) -> None:
         try:
@@ -79,27 +87,38 @@ class InboundService:
         await self._rate("smtp-msg", peer_ip, self.limits.messages_per_minute, "messages")
 
     async def on_recipient(self, peer_ip: str, address: str) -> InboundRecipient:
-        return await resolve_recipient(self.db, address)
+        _local, domain = split_address(address)
+        now = time.monotonic()
+        hit = self._domains.get(domain)
+        if hit is None or hit[0] <= now:
+            if len(self._domains) > 10000:
+                self._domains.clear()
+            hit = (now + self.limits.cache_secs, await hosted_domain(self.db, domain))
+            self._domains[domain] = hit
+        if hit[1] is None:
+            raise RelayDenied(f"relay access denied: {domain} is not hosted here")
+        return await resolve_recipient(self.db, address, hit[1])
 
     async def on_message(self, envelope: InboundEnvelope) -> str:
-        raw = envelope.data
-        if len(raw) > PARSE_INLINE_BYTES:
-            await asyncio.to_thread(check_structure, raw)
-        else:
-            check_structure(raw)  # 550 5.6.0 before spending DNS lookups on junk
         # RFC 8601 §5: results claiming to be ours were not written by us.
-        raw = strip_forged_results(raw, self.hostname)
+        raw = strip_forged_results(envelope.data, self.hostname)
+        big = len(raw) > PARSE_INLINE_BYTES
+        # 550 5.6.0 before spending DNS lookups on junk; the parse is kept for the index.
+        checked = await asyncio.to_thread(check_structure, raw) if big else check_structure(raw)
         recipients: list[InboundRecipient] = list(envelope.recipients)
         outcome = await authenticate(raw, resolver=self.resolver, psl=self.psl,
                                      client_ip=envelope.peer_ip, helo=envelope.helo,
                                      mail_from=envelope.mail_from, authserv_id=self.hostname)
         decision = decide(outcome, **self._requirements(recipients))
-        raw = outcome.header.encode("utf-8") + raw
-        if len(raw) > PARSE_INLINE_BYTES:
-            parsed = await asyncio.to_thread(parse_inbound, raw,
-                                             keep_parts=self.limits.keep_parts)
+        keep = self.limits.keep_parts
+        if big:
+            parsed = await asyncio.to_thread(parse_inbound, raw, keep_parts=keep,
+                                             checked=checked)
         else:
-            parsed = parse_inbound(raw, keep_parts=self.limits.keep_parts)
+            parsed = parse_inbound(raw, keep_parts=keep, checked=checked)
+        name, _, value = outcome.header.rstrip("\r\n").partition(":")
+        parsed.headers.insert(0, (name, value.strip()))
+        raw = outcome.header.encode("utf-8") + raw
         deliveries = await self._deliveries(recipients, decision.folder)
         meta = InboundMeta(peer_ip=envelope.peer_ip, helo=envelope.helo,
                            mail_from=envelope.mail_from, tls=envelope.tls,
