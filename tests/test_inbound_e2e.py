@@ -524,3 +524,103 @@ async def test_e2ee_tenant_gets_ciphertext_that_only_its_key_opens(
          "--wrapped-key", detail["wrappedKey"], "--message-id", row["id"],
          "--key-file", str(keyfile))
     assert done.returncode == 1 and b"private key" in done.stderr, done.stderr
+
+
+async def test_a_thousand_recipients_and_a_dropped_connection(inbound: Inbound) -> None:
+    """RCPT beyond SMTP_INBOUND_MAX_RCPT_TO gets 452 4.5.3 and the message is stored once for
+    the accepted ones; a client that vanishes mid-DATA leaves nothing; others keep being
+    served."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", inbound.port)
+
+    async def reply() -> bytes:
+        lines = []
+        while True:
+            line = await asyncio.wait_for(reader.readline(), 20)
+            lines.append(line)
+            if line[3:4] != b"-":
+                return b"".join(lines)
+
+    await reply()
+    writer.write(f"EHLO mail.{SENDER}\r\nMAIL FROM:<alice@{SENDER}>\r\n".encode())
+    await reply()
+    await reply()
+    writer.write(b"".join(f"RCPT TO:<info+{i}@rcpt.test>\r\n".encode() for i in range(1000)))
+    codes = [(await reply())[:9] for _ in range(1000)]
+    assert codes[:100] == [b"250 2.1.5"] * 100, codes[:3]
+    assert set(codes[100:]) == {b"452 4.5.3"}
+    writer.write(b"DATA\r\n")
+    assert (await reply()).startswith(b"354")
+    writer.write(message("many").replace(b"\r\n.", b"\r\n..") + b"\r\n.\r\n")
+    assert (await reply()).startswith(b"250 2.0.0")
+    writer.write(b"QUIT\r\n")
+    writer.close()
+    rows = await inbound.stack.services.db.one("SELECT rcpt_to FROM inbound_message")
+    assert len(rows) == 1 and len(rows[0]["rcpt_to"]) == 100
+
+    # Dropped in the middle of DATA: nothing is stored.
+    reader, writer = await asyncio.open_connection("127.0.0.1", inbound.port)
+    await reply()
+    writer.write(f"EHLO x\r\nMAIL FROM:<alice@{SENDER}>\r\nRCPT TO:<info@rcpt.test>\r\n"
+                 "DATA\r\n".encode())
+    for _ in range(4):
+        await reply()
+    writer.write(message("half")[:200])
+    await writer.drain()
+    writer.transport.abort()
+    code, reply_text = await send(inbound.port, message("next"), ["info@rcpt.test"])
+    assert code == 250, reply_text
+    subjects = sorted(r["subject"] for r in await listed(inbound))
+    assert subjects == ["many", "next"]
+
+
+async def test_parsed_parts_are_stored_when_enabled(tmp_path: Path,
+                                                    dns_server: DnsServer) -> None:
+    publish_sender(dns_server)
+    async with inbound_stack(tmp_path, dns_server, INBOX_STORE_PARSED_PARTS="true") as ib:
+        raw = (f"From: alice@{SENDER}\r\nSubject: parts\r\nMIME-Version: 1.0\r\n"
+               "Content-Type: multipart/alternative; boundary=Z\r\n\r\n--Z\r\n"
+               "Content-Type: text/plain\r\n\r\nplain part\r\n--Z\r\nContent-Type: text/html\r\n"
+               "\r\n<p>html part</p>\r\n--Z--\r\n").encode()
+        code, reply = await send(ib.port, raw, ["info@rcpt.test"])
+        assert code == 250, reply
+        [row] = await listed(ib)
+        stored = await ib.stack.services.mailstore.get(ib.org, row["id"])
+        assert [p["path"] for p in stored["parts"]] == ["1.1", "1.2"]
+        key = await ib.stack.services.org_keys.storage_key(ib.org)
+        part = stored["parts"][1]
+        assert part["key"] == f"part/{ib.org}/{ib.mailbox}/{row['id']}/1.2"
+        assert await ib.stack.services.blobs.get(part["key"], tenant_key=key) == \
+            b"<p>html part</p>"
+
+
+@pytest.mark.parametrize(("fail_open", "expected"), [(True, 250), (False, 421)],
+                         ids=["fail-open", "fail-closed"])
+async def test_rate_limit_store_outage(tmp_path: Path, dns_server: DnsServer, fail_open: bool,
+                                       expected: int) -> None:
+    """SMTP_RATE_LIMIT_FAIL_OPEN_ON_DB_ERROR decides what an unreachable rate-limit store
+    does (here: a real database connection that has gone away)."""
+    from dataclasses import replace
+
+    from inbox.app import build_inbound
+    from inbox.storage import Database
+    from inbox.storage.ratelimits import RateLimiter
+
+    publish_sender(dns_server)
+    gone = Database("mem://", namespace="t", database="t")
+    await gone.connect()
+    await gone.close()
+    values = {"SMTP_RATE_LIMIT_FAIL_OPEN_ON_DB_ERROR": str(fail_open).lower()}
+    async with inbound_stack(tmp_path, dns_server, **values) as ib:
+        services = replace(ib.stack.services, limiter=RateLimiter(gone))
+        async with running_transfer(replace(services, inbound=build_inbound(services)),
+                                    port=0) as server:
+            try:
+                client = aiosmtplib.SMTP(hostname="127.0.0.1", port=server.port, timeout=10,
+                                         start_tls=False)
+                await client.connect()
+                code = 250
+                await client.quit()
+            except aiosmtplib.SMTPConnectResponseError as exc:
+                code = exc.code
+                assert "4.7.0" in exc.message
+    assert code == expected

@@ -142,7 +142,9 @@ class TransferProtocol(SMTP):
         if not reply.startswith((f"220 {self.hostname} ", *EXEMPT_PREFIXES)):
             reply = enhance(reply)
         await self._push_raw(reply)
-        if reply[:1] in "45" and reply[:3] != "421":
+        # A pipelining client (RFC 2920) sends every RCPT before it sees the first 452 4.5.3:
+        # that is a capacity answer, not client misbehaviour, so it does not count.
+        if reply[:1] in "45" and reply[:3] != "421" and not reply.startswith("452 4.5.3"):
             self._errors += 1
             if self._errors >= self.server.max_errors:  # like Postfix smtpd_hard_error_limit
                 self.close(f"421 4.7.0 {self.hostname} Error: too many errors")
