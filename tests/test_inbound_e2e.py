@@ -624,3 +624,18 @@ async def test_rate_limit_store_outage(tmp_path: Path, dns_server: DnsServer, fa
                 code = exc.code
                 assert "4.7.0" in exc.message
     assert code == expected
+
+
+async def test_concurrent_messages_are_group_committed_and_one_bad_one_fails_alone(
+        inbound: Inbound) -> None:
+    await inbound.stack.services.db.run(
+        "DEFINE FIELD OVERWRITE subject ON inbound_message ASSERT $value != 'poison'")
+    subjects = [f"c{i}" for i in range(7)] + ["poison"]
+    results = await asyncio.gather(*(send(inbound.port, message(s), ["info@rcpt.test"])
+                                      for s in subjects))
+    codes = dict(zip(subjects, (c for c, _ in results), strict=True))
+    assert codes.pop("poison") == 451
+    assert set(codes.values()) == {250}, results
+    assert sorted(r["subject"] for r in await listed(inbound)) == sorted(codes)
+    # Exactly the stored messages' blobs remain: the poisoned one left none behind.
+    assert len(blob_files(inbound)) == len(codes)

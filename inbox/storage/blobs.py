@@ -118,11 +118,12 @@ def _check_tenant_key(tenant_key: bytes) -> bytes:
 
 
 class BlobStore(Protocol):
-    """put is durable when it returns; get raises NotFound or DecryptionFailed; delete is
-    idempotent; delete_prefix takes a "/"-ended prefix or one exact key and returns the count
-    removed; exists with `tenant_key` also checks that the key opens the blob."""
+    """put (and put_many) is durable when it returns; get raises NotFound or DecryptionFailed;
+    delete is idempotent; delete_prefix takes a "/"-ended prefix or one exact key and returns
+    the count removed; exists with `tenant_key` also checks that the key opens the blob."""
 
     async def put(self, key: str, data: bytes, *, tenant_key: bytes) -> None: ...
+    async def put_many(self, items: list[tuple[str, bytes, bytes]]) -> None: ...
     async def get(self, key: str, *, tenant_key: bytes) -> bytes: ...
     async def delete(self, key: str) -> None: ...
     async def delete_prefix(self, prefix: str) -> int: ...
@@ -150,6 +151,17 @@ class LocalBlobStore:
         return self.root.joinpath(*validate_key(key).split("/"))
 
     def _put(self, key: str, data: bytes, tenant_key: bytes) -> None:
+        _fsync_dir(self._write(key, data, tenant_key).parent)
+
+    def _put_many(self, items: list[tuple[str, bytes, bytes]]) -> None:
+        """Write every blob, then fsync each directory once (a group commit for blobs)."""
+        parents = {self._write(key, data, tenant_key).parent for key, data, tenant_key in items}
+        for parent in parents:
+            _fsync_dir(parent)
+
+    def _write(self, key: str, data: bytes, tenant_key: bytes) -> Path:
+        """Encrypt, write to a temp file, fsync, rename into place; the caller fsyncs the
+        directory before calling the blob durable."""
         path = self._path(key)
         sealed = encrypt_at_rest(tenant_key, key, data)
         _make_dirs(path.parent)
@@ -164,7 +176,7 @@ class LocalBlobStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)
+        return path
 
     def _get(self, key: str, tenant_key: bytes) -> bytes:
         try:
@@ -210,6 +222,12 @@ class LocalBlobStore:
 
     async def put(self, key: str, data: bytes, *, tenant_key: bytes) -> None:
         await _local(self._put, key, bytes(data), _check_tenant_key(tenant_key))
+
+    async def put_many(self, items: list[tuple[str, bytes, bytes]]) -> None:
+        """Put several (key, data, tenant_key) blobs in one worker-thread hop; all durable
+        when it returns. On failure some may be written: the caller deletes them."""
+        checked = [(k, bytes(d), _check_tenant_key(t)) for k, d, t in items]
+        await _local(self._put_many, checked)
 
     async def get(self, key: str, *, tenant_key: bytes) -> bytes:
         return await _local(self._get, key, _check_tenant_key(tenant_key))
@@ -351,6 +369,10 @@ class S3BlobStore:
             await self._call("create_bucket", **args)
         except _BucketExists:
             pass
+
+    async def put_many(self, items: list[tuple[str, bytes, bytes]]) -> None:
+        """Put several (key, data, tenant_key) blobs concurrently (within max_concurrency)."""
+        await asyncio.gather(*(self.put(k, d, tenant_key=t) for k, d, t in items))
 
     async def put(self, key: str, data: bytes, *, tenant_key: bytes) -> None:
         args = {"Bucket": self.bucket, "Key": validate_key(key), "Body": bytes(data),

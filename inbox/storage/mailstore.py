@@ -29,6 +29,7 @@ from inbox.storage.mimeparse import ParsedMessage, summary
 log = logging.getLogger(__name__)
 
 FOLDERS = ("INBOX", "SPAM", "TRASH")
+MAX_BATCH = 64  # messages per group commit
 
 
 def e2ee_aad(message_id: str, part_id: str | None = None) -> str:
@@ -59,6 +60,24 @@ class InboundMeta:
     spam: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class _Job:
+    raw: bytes
+    parsed: ParsedMessage
+    deliveries: list[Delivery]
+    meta: InboundMeta
+    now: datetime
+    done: asyncio.Future[list[dict[str, Any]]]
+
+
+def _unavailable(exc: BaseException) -> BaseException:
+    if isinstance(exc, StorageUnavailable):
+        return exc
+    if isinstance(exc, Exception):
+        log.error("storing an inbound message failed", exc_info=exc)
+    return StorageUnavailable("could not store the message; try again later")
+
+
 class MailStore:
     def __init__(self, db: Database, blobs: Any, org_keys: Any, *, keep_parts: bool = False
                  ) -> None:
@@ -66,23 +85,84 @@ class MailStore:
         self.blobs = blobs
         self.org_keys = org_keys
         self.keep_parts = keep_parts
+        self._pending: list[_Job] = []
+        self._flusher: asyncio.Future[None] | None = None
 
     # ---- writing -------------------------------------------------------------------------
 
     async def store(self, raw: bytes, parsed: ParsedMessage, deliveries: list[Delivery],
                     meta: InboundMeta, now: datetime) -> list[dict[str, Any]]:
-        """Store one message for each delivery; all or nothing. Returns the index rows."""
-        rows: list[dict[str, Any]] = []
-        written: list[str] = []
+        """Store one message for each delivery; all or nothing. Returns the index rows.
+
+        Concurrent calls are group-committed: while one batch is being written, new calls
+        queue up and go together in the next (one blob-store hop, one fsync per directory,
+        one database transaction). A batch that fails is retried message by message, so one
+        bad message never fails the others.
+        """
+        job = _Job(raw, parsed, deliveries, meta, now,
+                   asyncio.get_running_loop().create_future())
+        self._pending.append(job)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush())
+        return await job.done
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            try:
+                await self._commit(batch)
+            except BaseException as exc:  # cancelled mid-batch: nobody may wait forever
+                for job in batch:
+                    if not job.done.done():
+                        job.done.set_exception(_unavailable(exc))
+                raise
+
+    async def _commit(self, batch: list[_Job]) -> None:
+        ready: list[tuple[_Job, list[dict[str, Any]], list[tuple[str, bytes, bytes]]]] = []
+        for job in batch:
+            try:
+                rows, blobs = await self._prepare_job(job)
+                ready.append((job, rows, blobs))
+            except Exception as exc:  # noqa: BLE001 - reported to that message's sender
+                job.done.set_exception(_unavailable(exc))
+        if not ready:
+            return
         try:
-            for d in deliveries:
-                key = await self.org_keys.storage_key(d.org)
-                row, blobs = self._prepare(raw, parsed, d, meta, now)
-                await asyncio.gather(*(self.blobs.put(k, data, tenant_key=key)
-                                       for k, data in blobs))
-                written.extend(k for k, _ in blobs)
-                rows.append(row)
-            await self._thread(rows, parsed)
+            await self._write([b for _, _, bl in ready for b in bl],
+                              [r for _, rows, _ in ready for r in rows])
+        except Exception as exc:  # noqa: BLE001
+            if len(ready) == 1:
+                ready[0][0].done.set_exception(_unavailable(exc))
+                return
+            for job, rows, blobs in ready:  # one by one: only the bad one fails
+                try:
+                    await self._write(blobs, rows)
+                except Exception as one:  # noqa: BLE001
+                    job.done.set_exception(_unavailable(one))
+                else:
+                    job.done.set_result(rows)
+            return
+        for job, rows, _ in ready:
+            job.done.set_result(rows)
+
+    async def _prepare_job(self, job: _Job
+                           ) -> tuple[list[dict[str, Any]], list[tuple[str, bytes, bytes]]]:
+        rows: list[dict[str, Any]] = []
+        blobs: list[tuple[str, bytes, bytes]] = []
+        for d in job.deliveries:
+            key = await self.org_keys.storage_key(d.org)
+            row, data = self._prepare(job.raw, job.parsed, d, job.meta, job.now)
+            rows.append(row)
+            blobs.extend((k, v, key) for k, v in data)
+        await self._thread(rows, job.parsed)
+        return rows, blobs
+
+    async def _write(self, blobs: list[tuple[str, bytes, bytes]],
+                     rows: list[dict[str, Any]]) -> None:
+        """Blobs (durable) first, then every index row in one transaction; on failure no
+        blob of these rows is left behind."""
+        try:
+            await self.blobs.put_many(blobs)
             await self.db.run(
                 "BEGIN TRANSACTION; FOR $r IN $rows {"
                 " CREATE type::thing('inbound_message', $r.id) CONTENT $r.content };"
@@ -90,13 +170,9 @@ class MailStore:
                 {"rows": [{"id": r["id"], "content": {k: v for k, v in r.items() if k != "id"}}
                           for r in rows]},
             )
-        except BaseException as exc:
-            await self._discard(written)
-            if isinstance(exc, StorageUnavailable) or not isinstance(exc, Exception):
-                raise
-            log.exception("storing an inbound message failed")
-            raise StorageUnavailable("could not store the message; try again later") from None
-        return rows
+        except BaseException:
+            await self._discard([k for k, _, _ in blobs])
+            raise
 
     def _prepare(self, raw: bytes, parsed: ParsedMessage, d: Delivery, meta: InboundMeta,
                  now: datetime) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
