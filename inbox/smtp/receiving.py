@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -66,6 +66,7 @@ class InboundService:
         self.limits = limits
         self.clock = clock
         self._domains: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._recipients: dict[str, tuple[float, InboundRecipient]] = {}
 
     async def _rate(self, scope: str, key: str, limit: int, what: str) -> None:
         try:
@@ -87,8 +88,13 @@ class InboundService:
         await self._rate("smtp-msg", peer_ip, self.limits.messages_per_minute, "messages")
 
     async def on_recipient(self, peer_ip: str, address: str) -> InboundRecipient:
-        _local, domain = split_address(address)
+        """Resolve RCPT TO. Hosted domains and found mailboxes are reused for
+        INBOX_CACHE_SECS (a new mailbox works at once: misses are never cached)."""
+        local, domain = split_address(address)
         now = time.monotonic()
+        known = self._recipients.get(f"{local}@{domain}")
+        if known is not None and known[0] > now:
+            return replace(known[1], address=address)
         hit = self._domains.get(domain)
         if hit is None or hit[0] <= now:
             if len(self._domains) > 10000:
@@ -97,7 +103,12 @@ class InboundService:
             self._domains[domain] = hit
         if hit[1] is None:
             raise RelayDenied(f"relay access denied: {domain} is not hosted here")
-        return await resolve_recipient(self.db, address, hit[1])
+        found = await resolve_recipient(self.db, address, hit[1])
+        if self.limits.cache_secs > 0:
+            if len(self._recipients) > 100000:
+                self._recipients.clear()
+            self._recipients[f"{local}@{domain}"] = (now + self.limits.cache_secs, found)
+        return found
 
     async def on_message(self, envelope: InboundEnvelope) -> str:
         # RFC 8601 §5: results claiming to be ours were not written by us.

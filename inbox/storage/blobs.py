@@ -227,7 +227,12 @@ class LocalBlobStore:
         """Put several (key, data, tenant_key) blobs in one worker-thread hop; all durable
         when it returns. On failure some may be written: the caller deletes them."""
         checked = [(k, bytes(d), _check_tenant_key(t)) for k, d, t in items]
-        await _local(self._put_many, checked)
+        if len(checked) <= 1:
+            await _local(self._put_many, checked)
+            return
+        # Writes in parallel threads: concurrent fsyncs share one ext4 journal commit.
+        paths = await asyncio.gather(*(_local(self._write, k, d, t) for k, d, t in checked))
+        await asyncio.gather(*(_local(_fsync_dir, p) for p in {p.parent for p in paths}))
 
     async def get(self, key: str, *, tenant_key: bytes) -> bytes:
         return await _local(self._get, key, _check_tenant_key(tenant_key))
