@@ -167,6 +167,9 @@ async def running_transfer(services: Services, *, port: int | None = None
         max_connections=s.SERVER_MAX_CONNECTIONS,
         command_timeout_secs=s.SMTP_COMMAND_TIMEOUT_SECS,
         data_timeout_secs=s.SMTP_DATA_TIMEOUT_SECS)
+    sweep = getattr(services.blobs, "remove_stale_temp", None)
+    if sweep is not None:
+        await sweep()  # temp files of puts a crash interrupted (never visible as blobs)
     try:
         await server.start()
     except OSError as exc:
