@@ -1,0 +1,94 @@
+"""Outcome of one outbound delivery attempt: a reply per recipient and the TLS that carried it.
+Parses RFC 3463 enhanced status codes off SMTP replies; does no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# RFC 3463 §2: class "." subject "." detail; subject and detail are 1-3 digits.
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    """The outcome for one recipient: the remote (or a synthetic) reply and what it means."""
+
+    address: str
+    code: int
+    enhanced: str | None
+    text: str
+    temporary: bool
+    delivered: bool
+
+    @property
+    def reply(self) -> str:
+        """The reply as one line, e.g. "250 2.0.0 OK queued"."""
+        return " ".join(part for part in (str(self.code), self.enhanced, self.text) if part)
+
+    @property
+    def permanent(self) -> bool:
+        return not self.delivered and not self.temporary
+
+
+@dataclass(frozen=True)
+class TlsOutcome:
+    """Whether the session that carried the transaction used TLS.
+
+    `error` is set when STARTTLS was offered but not used (refused or handshake failed).
+    """
+
+    used: bool
+    version: str | None = None
+    cipher: str | None = None
+    error: str | None = None
+
+
+NO_TLS = TlsOutcome(used=False)
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """One attempt. `host` is the host that ran the transaction, None when none could be used;
+    then `connection_error` says what went wrong with each host tried."""
+
+    recipients: list[RecipientResult]
+    host: str | None
+    tls: TlsOutcome
+    connection_error: str | None
+
+
+
+def split_enhanced(code: int, message: str) -> tuple[str | None, str]:
+    """Split an RFC 3463 enhanced status code off a reply text: (enhanced or None, text).
+
+    The code counts only if its class matches the reply's first digit (RFC 2034 §4). A
+    multi-line reply repeating the code on each line (as Gmail does) becomes one line of text.
+    """
+    lines = [line.strip() for line in message.splitlines()]
+    match = _ENHANCED.match(lines[0]) if lines else None
+    if match is None or match.group(1) != str(code)[:1]:
+        return None, " ".join(line for line in lines if line)
+    enhanced = f"{match.group(1)}.{int(match.group(2))}.{int(match.group(3))}"
+    raw_code = match.group(0)
+    text = []
+    for line in lines:
+        if line.startswith(raw_code) and line[len(raw_code):len(raw_code) + 1] in ("", " ", "\t"):
+            line = line[len(raw_code):].strip()
+        if line:
+            text.append(line)
+    return enhanced, " ".join(text)
+
+
+def from_reply(address: str, code: int, message: str, *, delivered: bool = False
+               ) -> RecipientResult:
+    """The result for a recipient the remote server answered with `code` `message`."""
+    enhanced, text = split_enhanced(code, message)
+    return RecipientResult(address, code, enhanced, text,
+                           temporary=not delivered and not 500 <= code < 600, delivered=delivered)
+
+
+def synthetic(address: str, code: int, enhanced: str, text: str) -> RecipientResult:
+    """A result we made up (no usable reply): temporary for 4xx codes, never delivered."""
+    return RecipientResult(address, code, enhanced, text, temporary=code < 500, delivered=False)
