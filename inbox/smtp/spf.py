@@ -1,6 +1,7 @@
-"""SPF (RFC 7208) for inbound mail: check_host() and the HELO / MAIL FROM checks. Owns record
-parsing, macros and the lookup limits; DNS is a resolver passed in, and what to do with a
-result (reject, add a header) is the caller's.
+"""SPF (RFC 7208) for inbound mail: check_host() and the HELO / MAIL FROM checks. Owns the
+evaluation and the lookup limits (record syntax is inbox.smtp.spf_record, macros
+inbox.smtp.spf_macros); DNS is a resolver passed in, and what to do with a result (reject, add
+a header) is the caller's.
 
 Choices where the RFC leaves room:
 * A target name that cannot be a DNS name after macro expansion (an empty or over-long label)
@@ -21,45 +22,30 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
-from urllib.parse import quote
 
-from inbox.errors import DnsNotFound, DnsTemporary, InboxError, ValidationError
+from inbox.errors import DnsNotFound, DnsTemporary, ValidationError
+from inbox.smtp.spf_macros import (
+    EXP_LETTERS,
+    Abort,
+    MacroExpander,
+    Tokens,
+    macro_string,
+    perm,
+    split_sender,
+    valid_domain,
+)
+from inbox.smtp.spf_record import MECHANISMS, QUALIFIERS, Directive, is_spf_record, parse_record
 
 # RFC 7208 §4.6.4
 DNS_TERM_LIMIT = 10
 VOID_LOOKUP_LIMIT = 2
 MX_NAME_LIMIT = 10
 PTR_NAME_LIMIT = 10
-MAX_DOMAIN = 253  # RFC 7208 §7.3 (the longest name in text form)
 DEFAULT_TIME_LIMIT = 20.0  # RFC 7208 §4.6.4: allow at least 20 seconds
-
-QUALIFIERS = {"+": "pass", "-": "fail", "~": "softfail", "?": "neutral"}  # RFC 7208 §4.6.2
-MECHANISMS = ("all", "include", "a", "mx", "ptr", "ip4", "ip6", "exists")  # RFC 7208 §5
-
-# RFC 7208 §7.1 ABNF pieces.
-_TOPLABEL = r"(?:[A-Za-z0-9]*[A-Za-z][A-Za-z0-9]*|[A-Za-z0-9]+-[A-Za-z0-9-]*[A-Za-z0-9])"
-_DOMAIN_END = re.compile(rf".*\.{_TOPLABEL}\.?", re.S)
-_TOKEN = re.compile(
-    r"%\{(?P<letter>[A-Za-z])(?P<digits>[0-9]*)(?P<rev>[rR]?)(?P<delims>[.+,/_=-]*)\}"
-    r"|%(?P<esc>[%_-])|(?P<lit>[^%]+)|%",
-    re.S,
-)
-_DOMAIN_LETTERS = "slodiphv"
-_EXP_LETTERS = _DOMAIN_LETTERS + "crt"  # RFC 7208 §7.3: c, r, t only in explanation text
-_LITERAL = re.compile(r"[!-$&-~]*")  # macro-literal = %x21-24 / %x26-7E
-_EXP_LITERAL = re.compile(r"[ !-$&-~]*")  # explanation-string also allows SP (§6.2)
-_MODIFIER = re.compile(r"([A-Za-z][A-Za-z0-9_.-]*)=(.*)", re.S)  # RFC 7208 §4.6.1
-_DIRECTIVE = re.compile(r"([+?~-]?)([A-Za-z][A-Za-z0-9]*)(.*)", re.S)
-_QNUM = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9][0-9]|[0-9])"
-_IP4 = re.compile(rf":({_QNUM}(?:\.{_QNUM}){{3}})(?:/([0-9]+))?")  # RFC 7208 §5.6
-_IP6 = re.compile(r":([0-9A-Fa-f:.]+)(?:/([0-9]+))?")
-_DUAL_CIDR = re.compile(r"(?::(.*?))?(?:/([0-9]+))?(?://([0-9]+))?", re.S)  # §5.3, §5.4
-_LABEL = re.compile(r"[ -\[\]-~]{1,63}")  # printable ASCII or SP; no "\\" (DNS escape)
 
 
 @dataclass(frozen=True)
@@ -88,174 +74,6 @@ class SpfLookup(Protocol):
     async def ptr(self, ip: str) -> list[str]: ...
 
 
-class _Abort(InboxError):
-    """Ends the evaluation with `result` (permerror/temperror). Never leaves this module."""
-
-    def __init__(self, result: str, message: str) -> None:
-        super().__init__(message)
-        self.result = result
-
-
-def _perm(message: str) -> _Abort:
-    return _Abort("permerror", message)
-
-
-@dataclass(frozen=True)
-class _Macro:
-    letter: str  # lowercase
-    digits: int  # 0: all parts
-    reverse: bool
-    delims: str
-    escape: bool  # an uppercase letter: URL-escape the value (RFC 7208 §7.3)
-
-
-_Tokens = list[str | _Macro]
-
-
-def _macro_string(text: str, letters: str, *, domain_spec: bool, exp: bool = False) -> _Tokens:
-    """Parse a macro-string (RFC 7208 §7.1); with `domain_spec`, it must also end like a
-    domain-spec: "." toplabel ["."] or a macro-expand. Raises `_Abort` (permerror)."""
-    if domain_spec and not text:
-        raise _perm("empty domain-spec")
-    tokens: _Tokens = []
-    ends_with_macro = False
-    literal = _EXP_LITERAL if exp else _LITERAL
-    for match in _TOKEN.finditer(text):
-        if match["lit"] is not None:
-            if not literal.fullmatch(match["lit"]):
-                raise _perm(f"invalid character in {text!r}")
-            tokens.append(match["lit"])
-            ends_with_macro = False
-        elif match["esc"] is not None:  # %% %_ %- (RFC 7208 §7.1)
-            tokens.append({"%": "%", "_": " ", "-": "%20"}[match["esc"]])
-            ends_with_macro = True
-        elif match["letter"] is not None:
-            letter = match["letter"]
-            if letter.lower() not in letters:
-                raise _perm(f"macro letter {letter!r} not allowed in {text!r}")
-            digits = int(match["digits"] or 0)
-            if match["digits"] and digits == 0:  # RFC 7208 §7.3: "MUST be nonzero"
-                raise _perm(f"zero transformer in {text!r}")
-            tokens.append(
-                _Macro(
-                    letter.lower(), digits, bool(match["rev"]), match["delims"], letter.isupper()
-                )
-            )
-            ends_with_macro = True
-        else:
-            raise _perm(f"'%' not followed by '{{', '%', '_' or '-' in {text!r}")
-    if domain_spec and not ends_with_macro and not _DOMAIN_END.fullmatch(str(tokens[-1])):
-        raise _perm(f"{text!r} does not end in a valid top-level label")
-    return tokens
-
-
-def _cidr(text: str | None, top: int) -> int:
-    if text is None:
-        return top
-    if (text != "0" and text.startswith("0")) or int(text) > top:  # RFC 7208 §5.6
-        raise _perm(f"invalid CIDR length /{text}")
-    return int(text)
-
-
-@dataclass
-class _Directive:
-    text: str
-    result: str
-    name: str
-    target: _Tokens | None = None  # domain-spec, None for "the current domain"
-    cidr4: int = 32
-    cidr6: int = 128
-    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
-
-
-@dataclass
-class _Record:
-    directives: list[_Directive] = field(default_factory=list)
-    redirect: _Tokens | None = None
-    exp: _Tokens | None = None
-
-
-def _directive(term: str) -> _Directive:
-    match = _DIRECTIVE.fullmatch(term)
-    if match is None or match[2].lower() not in MECHANISMS:
-        raise _perm(f"unknown mechanism {term!r}")
-    qualifier, name, rest = match[1] or "+", match[2].lower(), match[3]
-    made = _Directive(term, QUALIFIERS[qualifier], name)
-    if name == "all":
-        if rest:
-            raise _perm(f"'all' takes no arguments: {term!r}")
-    elif name in ("include", "exists") or (name == "ptr" and rest):
-        if not rest.startswith(":"):
-            raise _perm(f"{name} needs ':domain': {term!r}")
-        made.target = _macro_string(rest[1:], _DOMAIN_LETTERS, domain_spec=True)
-    elif name in ("a", "mx"):
-        cidr = _DUAL_CIDR.fullmatch(rest)
-        if cidr is None:
-            raise _perm(f"bad {name} arguments: {term!r}")
-        if cidr[1] is not None:
-            made.target = _macro_string(cidr[1], _DOMAIN_LETTERS, domain_spec=True)
-        made.cidr4, made.cidr6 = _cidr(cidr[2], 32), _cidr(cidr[3], 128)
-    elif name in ("ip4", "ip6"):
-        net = (_IP4 if name == "ip4" else _IP6).fullmatch(rest)
-        try:
-            address = ipaddress.ip_address(net[1]) if net else None
-        except ValueError:
-            address = None
-        if net is None or address is None or address.version != int(name[2]):
-            raise _perm(f"bad {name} network: {term!r}")
-        length = _cidr(net[2], address.max_prefixlen)
-        made.network = ipaddress.ip_network((address, length), strict=False)
-    return made
-
-
-def _parse_record(text: str) -> _Record:
-    """Parse a whole "v=spf1" record (RFC 7208 §4.6), so that a syntax error anywhere is found
-    before anything is evaluated. Raises `_Abort` (permerror)."""
-    if not text.isascii():
-        raise _perm("SPF record is not 7-bit ASCII")  # RFC 7208 §3.1 (and test suite)
-    record = _Record()
-    for term in text.split(" ")[1:]:  # RFC 7208 §4.6.1: terms are separated by 1*SP
-        if not term:
-            continue
-        modifier = _MODIFIER.fullmatch(term)
-        if modifier is None:
-            record.directives.append(_directive(term))
-            continue
-        name, value = modifier[1].lower(), modifier[2]
-        if name in ("redirect", "exp"):
-            if getattr(record, name) is not None:  # RFC 7208 §6: at most once each
-                raise _perm(f"{name}= appears twice")
-            setattr(record, name, _macro_string(value, _DOMAIN_LETTERS, domain_spec=True))
-        else:  # RFC 7208 §6: unknown modifiers are ignored, but must be well-formed
-            _macro_string(value, _EXP_LETTERS, domain_spec=False)
-    return record
-
-
-def is_spf_record(text: str) -> bool:
-    """RFC 7208 §4.5: "v=spf1" (any case) followed by a space or the end."""
-    return text[:6].lower() == "v=spf1" and (len(text) == 6 or text[6] == " ")
-
-
-def valid_domain(domain: str) -> bool:
-    """RFC 7208 §4.3: a multi-label name whose labels fit in DNS and whose last label is a
-    valid top label (so address literals like "[192.0.2.1]" and bare IPs are not)."""
-    labels = domain[:-1].split(".") if domain.endswith(".") else domain.split(".")
-    return (
-        len(labels) > 1
-        and len(domain) <= MAX_DOMAIN + 1
-        and all(_LABEL.fullmatch(label) for label in labels)
-        and re.fullmatch(_TOPLABEL, labels[-1]) is not None
-    )
-
-
-def _split_sender(sender: str, domain: str) -> tuple[str, str]:
-    """(local-part, domain) of <sender>; RFC 7208 §4.3: no local-part means "postmaster"."""
-    local, at, sender_domain = sender.rpartition("@")
-    if not at:
-        local, sender_domain = "", sender or domain
-    return local or "postmaster", sender_domain
-
-
 class _Evaluation:
     """One check_host() run, with its shared limits (RFC 7208 §4.6.4) across include/redirect."""
 
@@ -270,11 +88,7 @@ class _Evaluation:
     ) -> None:
         self.resolver = resolver
         self.ip = ip
-        self.local, self.sender_domain = _split_sender(sender, "")
-        self.sender = f"{self.local}@{self.sender_domain}"
-        self.helo = helo
-        self.receiver = receiver or "unknown"  # RFC 7208 §7.3
-        self.clock = clock
+        self.macros = MacroExpander(ip, sender, helo, receiver, clock, self._ptr_names)
         self.terms = 0
         self.voids = 0
         self._ptr: tuple[bool, list[str]] | None = None  # (void, validated names)
@@ -284,12 +98,12 @@ class _Evaluation:
     def count_term(self) -> None:
         self.terms += 1
         if self.terms > DNS_TERM_LIMIT:
-            raise _perm(f"more than {DNS_TERM_LIMIT} DNS-querying terms (RFC 7208 §4.6.4)")
+            raise perm(f"more than {DNS_TERM_LIMIT} DNS-querying terms (RFC 7208 §4.6.4)")
 
     def void(self) -> None:
         self.voids += 1
         if self.voids > VOID_LOOKUP_LIMIT:
-            raise _perm(f"more than {VOID_LOOKUP_LIMIT} void lookups (RFC 7208 §4.6.4)")
+            raise perm(f"more than {VOID_LOOKUP_LIMIT} void lookups (RFC 7208 §4.6.4)")
 
     async def addresses(self, name: str, *, tolerant: bool = False) -> list[str] | None:
         """A or AAAA records by the client's address family (RFC 7208 §5.3); None when there
@@ -302,7 +116,7 @@ class _Evaluation:
         except DnsTemporary as exc:
             if tolerant:
                 return None
-            raise _Abort("temperror", exc.message) from None
+            raise Abort("temperror", exc.message) from None
 
     async def validated_names(self) -> tuple[bool, list[str]]:
         """RFC 7208 §5.5: PTR names of the client whose A/AAAA records include it; any DNS
@@ -321,66 +135,8 @@ class _Evaluation:
             self._ptr = (False, validated)
         return self._ptr
 
-    # -- macros (RFC 7208 §7) -------------------------------------------------------------
-
-    async def macro_value(self, letter: str, domain: str) -> str:
-        ip = self.ip
-        if letter == "s":
-            return self.sender
-        if letter == "l":
-            return self.local
-        if letter == "o":
-            return self.sender_domain
-        if letter == "d":
-            return domain
-        if letter == "i":  # RFC 7208 §7.3: dotted nibbles for IPv6
-            return str(ip) if ip.version == 4 else ".".join(ip.packed.hex().upper())
-        if letter == "p":
-            names = (await self.validated_names())[1]
-            domain = domain.lower()
-            for good in (lambda n: n == domain, lambda n: n.endswith("." + domain), lambda n: True):
-                for name in names:
-                    if good(name):
-                        return name
-            return "unknown"
-        if letter == "v":
-            return "in-addr" if ip.version == 4 else "ip6"
-        if letter == "h":
-            return self.helo
-        if letter == "c":
-            return str(ip)
-        if letter == "r":
-            return self.receiver
-        return str(int(self.clock()))  # "t"
-
-    async def expand(self, tokens: _Tokens, domain: str) -> str:
-        out = []
-        for token in tokens:
-            if isinstance(token, str):
-                out.append(token)
-                continue
-            value = await self.macro_value(token.letter, domain)
-            parts = re.split("[" + re.escape(token.delims or ".") + "]", value)
-            if token.reverse:
-                parts.reverse()
-            if token.digits:
-                parts = parts[-token.digits :]
-            value = ".".join(parts)
-            out.append(quote(value, safe="") if token.escape else value)
-        return "".join(out)
-
-    async def target(self, tokens: _Tokens | None, domain: str) -> str | None:
-        """The <target-name> for a lookup, or None if it cannot be a DNS name. RFC 7208 §7.3:
-        over 253 characters, labels are dropped from the left; a trailing dot is ignored."""
-        if tokens is None:
-            return domain
-        name = (await self.expand(tokens, domain)).removesuffix(".")
-        while len(name) > MAX_DOMAIN and "." in name:
-            name = name.split(".", 1)[1]
-        labels = name.split(".")
-        if len(name) > MAX_DOMAIN or not all(_LABEL.fullmatch(label) for label in labels):
-            return None
-        return name
+    async def _ptr_names(self) -> list[str]:
+        return (await self.validated_names())[1]
 
     # -- check_host (RFC 7208 §4) ---------------------------------------------------------
 
@@ -391,21 +147,21 @@ class _Evaluation:
         except DnsNotFound:
             return None
         except DnsTemporary as exc:
-            raise _Abort("temperror", exc.message) from None
+            raise Abort("temperror", exc.message) from None
         records = [text for text in texts if is_spf_record(text)]
         if len(records) > 1:
-            raise _perm(f"{domain} has {len(records)} SPF records")
+            raise perm(f"{domain} has {len(records)} SPF records")
         return records[0] if records else None
 
     async def check_host(self, domain: str) -> tuple[str, str, str]:
-        """(result, explanation, mechanism) for `domain`; `_Abort` for errors."""
+        """(result, explanation, mechanism) for `domain`; `Abort` for errors."""
         domain = domain.removesuffix(".")
         if not valid_domain(domain):
             return "none", f"{domain!r} is not a valid domain name", ""
         text = await self.record(domain)
         if text is None:
             return "none", f"no SPF record at {domain}", ""
-        record = _parse_record(text)
+        record = parse_record(text)
         for directive in record.directives:
             if await self.matches(directive, domain):
                 explanation = ""
@@ -414,14 +170,14 @@ class _Evaluation:
                 return directive.result, explanation, directive.text
         if record.redirect is not None:  # RFC 7208 §6.1
             self.count_term()
-            target = await self.target(record.redirect, domain)
+            target = await self.macros.target(record.redirect, domain)
             result = await self.check_host(target) if target else ("none", "", "")
             if result[0] == "none":
-                raise _perm(f"redirect to {target or 'an invalid name'}: no SPF record")
+                raise perm(f"redirect to {target or 'an invalid name'}: no SPF record")
             return result
         return "neutral", "", ""  # RFC 7208 §4.7
 
-    async def matches(self, directive: _Directive, domain: str) -> bool:
+    async def matches(self, directive: Directive, domain: str) -> bool:
         """RFC 7208 §5: does the mechanism match the client?"""
         name = directive.name
         if name == "all":
@@ -429,11 +185,11 @@ class _Evaluation:
         if directive.network is not None:  # ip4 / ip6 (§5.6)
             return self.ip in directive.network
         self.count_term()
-        target = await self.target(directive.target, domain)
+        target = await self.macros.target(directive.target, domain)
         if name == "include":  # RFC 7208 §5.2
             result, _, _ = await self.check_host(target) if target else ("none", "", "")
             if result in ("none", "permerror"):
-                raise _perm(f"include:{target or 'an invalid name'}: no SPF record")
+                raise perm(f"include:{target or 'an invalid name'}: no SPF record")
             return result == "pass"
         if target is None:
             return False
@@ -450,7 +206,7 @@ class _Evaluation:
                 self.void()
                 return False
             except DnsTemporary as exc:
-                raise _Abort("temperror", exc.message) from None
+                raise Abort("temperror", exc.message) from None
         if name == "a":  # RFC 7208 §5.3
             hosts = [target]
         else:  # mx, RFC 7208 §5.4
@@ -459,9 +215,9 @@ class _Evaluation:
             except DnsNotFound:
                 records = []
             except DnsTemporary as exc:
-                raise _Abort("temperror", exc.message) from None
+                raise Abort("temperror", exc.message) from None
             if len(records) > MX_NAME_LIMIT:
-                raise _perm(f"{target} has more than {MX_NAME_LIMIT} MX records")
+                raise perm(f"{target} has more than {MX_NAME_LIMIT} MX records")
             if not records:
                 self.void()
                 return False
@@ -478,11 +234,11 @@ class _Evaluation:
                     return True
         return False
 
-    async def explain(self, exp: _Tokens | None, domain: str) -> str:
+    async def explain(self, exp: Tokens | None, domain: str) -> str:
         """RFC 7208 §6.2: the expanded exp= text, or "" if anything about it goes wrong."""
         if exp is None:
             return ""
-        target = await self.target(exp, domain)
+        target = await self.macros.target(exp, domain)
         if target is None:
             return ""
         try:
@@ -492,10 +248,10 @@ class _Evaluation:
         if len(texts) != 1 or not texts[0].isascii():
             return ""
         try:
-            tokens = _macro_string(texts[0], _EXP_LETTERS, domain_spec=False, exp=True)
-        except _Abort:
+            tokens = macro_string(texts[0], EXP_LETTERS, domain_spec=False, exp=True)
+        except Abort:
             return ""
-        return await self.expand(tokens, domain)
+        return await self.macros.expand(tokens, domain)
 
 
 def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -534,7 +290,7 @@ async def check_host(
     try:
         async with asyncio.timeout(time_limit):
             result, explanation, mechanism = await evaluation.check_host(domain)
-    except _Abort as exc:
+    except Abort as exc:
         result, explanation, mechanism = exc.result, exc.message, ""
     except TimeoutError:
         result, explanation, mechanism = "temperror", f"SPF check took over {time_limit:g} s", ""
@@ -585,8 +341,11 @@ async def check_spf(
         if helo_result is None:
             return SpfResult("none", "", "mailfrom", "empty MAIL FROM and no HELO domain")
         return replace(helo_result, identity="mailfrom")
-    _, domain = _split_sender(mail_from, helo)
+    _, domain = split_sender(mail_from, helo)
     return await check_host(resolver, ip, domain, mail_from, **options)
 
 
-__all__ = ["SpfLookup", "SpfResult", "check_host", "check_spf", "is_spf_record", "valid_domain"]
+__all__ = [
+    "MECHANISMS", "QUALIFIERS", "SpfLookup", "SpfResult", "check_host", "check_spf",
+    "is_spf_record", "valid_domain",
+]
