@@ -1,0 +1,110 @@
+"""Blob key layout for inbound mail and the argument checks every blob store shares (keys,
+prefixes, tenant keys). Does no I/O; the stores are in inbox.storage.blobs (local directory)
+and inbox.storage.s3blobs (S3).
+
+Key layout (every component is one of our own ids, [A-Za-z0-9._-], never "." or ".."):
+
+    msg/{org}/{mailbox}/{message_id}.eml            the raw message
+    att/{org}/{mailbox}/{message_id}/{part_id}      an attachment
+    part/{org}/{mailbox}/{message_id}/{mime_path}   a MIME part, mime_path like "1.2.3"
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Protocol
+
+from inbox.errors import ValidationError
+from inbox.storage.envelope import KEY_LEN
+
+_COMPONENT = re.compile(r"[A-Za-z0-9._-]{1,200}")
+# kind -> number of path segments after the kind; the last segment of msg keys ends ".eml".
+_SHAPES = {"msg": 3, "att": 4, "part": 4}
+
+
+def _component(value: object, what: str) -> str:
+    if (not isinstance(value, str) or not _COMPONENT.fullmatch(value)
+            or value in (".", "..")):
+        raise ValidationError(f"invalid {what} for a blob key: {value!r}", field=[what])
+    return value
+
+
+def message_key(org: str, mailbox: str, message_id: str) -> str:
+    """`msg/{org}/{mailbox}/{message_id}.eml`."""
+    return (f"msg/{_component(org, 'org')}/{_component(mailbox, 'mailbox')}/"
+            f"{_component(message_id, 'message_id')}.eml")
+
+
+def attachment_key(org: str, mailbox: str, message_id: str, part_id: str) -> str:
+    """`att/{org}/{mailbox}/{message_id}/{part_id}`."""
+    return (f"att/{_component(org, 'org')}/{_component(mailbox, 'mailbox')}/"
+            f"{_component(message_id, 'message_id')}/{_component(part_id, 'part_id')}")
+
+
+def part_key(org: str, mailbox: str, message_id: str, mime_path: str) -> str:
+    """`part/{org}/{mailbox}/{message_id}/{mime_path}`."""
+    return (f"part/{_component(org, 'org')}/{_component(mailbox, 'mailbox')}/"
+            f"{_component(message_id, 'message_id')}/{_component(mime_path, 'mime_path')}")
+
+
+def message_prefixes(org: str, mailbox: str, message_id: str) -> list[str]:
+    """Everything stored for one message, each for `delete_prefix`: the message key itself
+    (exact: "id.eml" must not match "id.emlx.eml"), then the attachment and part prefixes."""
+    key = message_key(org, mailbox, message_id)
+    rest = f"{org}/{mailbox}/{message_id}/"
+    return [key, f"att/{rest}", f"part/{rest}"]
+
+
+def validate_key(key: str) -> str:
+    """`key` if it has exactly one of the layout's shapes; ValidationError otherwise."""
+    parts = key.split("/") if isinstance(key, str) else []
+    want = _SHAPES.get(parts[0]) if parts else None
+    if want is None or len(parts) != want + 1 or (parts[0] == "msg"
+                                                 and not parts[-1].endswith(".eml")):
+        raise ValidationError(f"not a blob key: {key!r}", field=["key"])
+    for part in parts[1:]:
+        _component(part, "key")
+    return key
+
+
+def validate_prefix(prefix: str) -> bool:
+    """Whether `prefix` is one exact key (True) or a directory-like prefix of whole components
+    ending in "/", at least `{kind}/{org}/` (False); ValidationError if it is neither."""
+    parts = prefix.split("/") if isinstance(prefix, str) else []
+    if parts and parts[-1] != "":
+        validate_key(prefix)
+        return True
+    if len(parts) < 3 or parts[0] not in _SHAPES or len(parts) - 1 > _SHAPES[parts[0]]:
+        raise ValidationError(f"not a blob key or prefix (kind/org/.../): {prefix!r}",
+                              field=["prefix"])
+    for part in parts[1:-1]:
+        _component(part, "prefix")
+    return False
+
+def check_tenant_key(tenant_key: bytes) -> bytes:
+    """`tenant_key` if it is a 32-byte key; ValidationError otherwise."""
+    if not isinstance(tenant_key, bytes) or len(tenant_key) != KEY_LEN:
+        raise ValidationError(f"tenant key must be {KEY_LEN} bytes")
+    return tenant_key
+
+
+class BlobStore(Protocol):
+    """put (and put_many) is durable when it returns; get raises NotFound or DecryptionFailed;
+    delete is idempotent; delete_prefix takes a "/"-ended prefix or one exact key and returns
+    the count removed; exists with `tenant_key` also checks that the key opens the blob."""
+
+    async def put(self, key: str, data: bytes, *, tenant_key: bytes) -> None: ...
+    async def put_many(self, items: list[tuple[str, bytes, bytes]]) -> None: ...
+    async def get(self, key: str, *, tenant_key: bytes) -> bytes: ...
+    async def delete(self, key: str) -> None: ...
+    async def delete_prefix(self, prefix: str) -> int: ...
+    async def exists(self, key: str, *, tenant_key: bytes | None = None) -> bool: ...
+    async def close(self) -> None: ...
+
+
+async def delete_message(store: BlobStore, org: str, mailbox: str, message_id: str) -> int:
+    """Delete the message and its attachments and parts; returns how many blobs went."""
+    count = 0
+    for prefix in message_prefixes(org, mailbox, message_id):
+        count += await store.delete_prefix(prefix)
+    return count
