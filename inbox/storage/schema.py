@@ -64,6 +64,10 @@ DEFINE FUNCTION OVERWRITE fn::message_status($s: array) {
   IF 'DELIVERED' IN $d { RETURN 'DELIVERED' };
   RETURN 'FAILED';
 };
+DEFINE TABLE IF NOT EXISTS tlsrpt_counter SCHEMALESS;
+DEFINE INDEX IF NOT EXISTS tlsrpt_counter_day ON tlsrpt_counter FIELDS day, policy_domain;
+DEFINE TABLE IF NOT EXISTS tlsrpt_sent SCHEMALESS;
+DEFINE INDEX IF NOT EXISTS tlsrpt_sent_day ON tlsrpt_sent FIELDS day;
 """
 
 
