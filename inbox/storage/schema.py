@@ -68,6 +68,8 @@ DEFINE TABLE IF NOT EXISTS tlsrpt_counter SCHEMALESS;
 DEFINE INDEX IF NOT EXISTS tlsrpt_counter_day ON tlsrpt_counter FIELDS day, policy_domain;
 DEFINE TABLE IF NOT EXISTS tlsrpt_sent SCHEMALESS;
 DEFINE INDEX IF NOT EXISTS tlsrpt_sent_day ON tlsrpt_sent FIELDS day;
+DEFINE TABLE IF NOT EXISTS mta_sts_policy SCHEMALESS;
+DEFINE INDEX IF NOT EXISTS mta_sts_policy_expiry ON mta_sts_policy FIELDS expires_at;
 """
 
 
