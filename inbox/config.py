@@ -68,6 +68,21 @@ class Settings(BaseSettings):
     SMTP_DKIM_HEADERS: Annotated[list[str], NoDecode] = _split_list(DEFAULT_DKIM_HEADERS)  # type: ignore[assignment]
     SMTP_DKIM_ED25519: bool = True
 
+    # --- outbound TLS policy (DANE, MTA-STS, TLS-RPT, REQUIRETLS) ---
+    SMTP_OUTBOUND_TLS_MODE: str = "opportunistic"
+    SMTP_OUTBOUND_REQUIRE_STARTTLS: bool = False
+    SMTP_OUTBOUND_ALLOW_PLAINTEXT_FALLBACK: bool = True
+    SMTP_OUTBOUND_ALLOW_INVALID_CERTS: bool = True
+    SMTP_OUTBOUND_CA_FILE: str = ""
+    SMTP_OUTBOUND_DANE_MODE: str = "prefer"
+    SMTP_OUTBOUND_DNSSEC_VALIDATE: bool = True
+    SMTP_OUTBOUND_MTA_STS_ENFORCE: bool = True
+    SMTP_TLS_REPORT_DIR: str = ""
+    SMTP_TLS_REPORT_FROM: str = ""
+    SMTP_TLS_REPORT_ORG: str = ""
+    SMTP_TLS_REPORT_ORGANIZATION_NAME: str = ""
+    SMTP_TLS_REPORT_CONTACT: str = ""
+
     # --- inbound (SMTP transfer, port 25) ---
     SMTP_TRANSFER_PORT: int = Field(25, ge=0, le=65535)
     INBOX_SMTP_TRANSFER_ENABLED: bool = True
@@ -92,6 +107,14 @@ class Settings(BaseSettings):
     S3_REGION: str = "us-east-1"
     S3_FORCE_PATH_STYLE: bool = True
 
+    # --- SMTP submission (587 STARTTLS, 465 implicit TLS) ---
+    SMTP_SUBMISSION_PORT: int = Field(587, ge=0, le=65535)
+    SMTP_SUBMISSIONS_PORT: int = Field(465, ge=0, le=65535)
+    INBOX_SMTP_SUBMISSION_ENABLED: bool = True
+    SMTP_RATE_LIMIT_SUBMISSION_CONNECTIONS_PER_MINUTE: int = Field(120, ge=0)
+    SMTP_RATE_LIMIT_SUBMISSION_MESSAGES_PER_MINUTE: int = Field(600, ge=0)
+    SMTP_RATE_LIMIT_AUTH_FAILURES_PER_MINUTE: int = Field(10, ge=0)
+
     # --- tenancy defaults (per-domain overrides live on has_domain) ---
     INBOX_QUOTA_MAX_RECIPIENTS_PER_MESSAGE: int = Field(50, ge=1)
     INBOX_QUOTA_HOURLY_SEND_LIMIT: int = Field(1000, ge=0)
@@ -115,6 +138,20 @@ class Settings(BaseSettings):
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
+
+    @field_validator("SMTP_OUTBOUND_TLS_MODE")
+    @classmethod
+    def _tls_mode(cls, value: str) -> str:
+        if value not in ("opportunistic", "required"):
+            raise ValueError("must be 'opportunistic' or 'required'")
+        return value
+
+    @field_validator("SMTP_OUTBOUND_DANE_MODE")
+    @classmethod
+    def _dane_mode(cls, value: str) -> str:
+        if value not in ("off", "prefer", "require"):
+            raise ValueError("must be 'off', 'prefer' or 'require'")
+        return value
 
     @field_validator("OTEL_TRACES_EXPORTER")
     @classmethod
