@@ -50,13 +50,16 @@ class Services:
     limiter: Any = None
     pubsub: Any = None
     inbound: Any = None
+    # Outbound TLS policy: MTA-STS policy cache and the per-host planner.
+    mtasts: Any = None
+    tls_planner: Any = None
     clock: Callable[[], datetime] = utcnow
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
 
     def worker(self, name: str | None = None) -> DeliveryWorker:
         return DeliveryWorker(queue=self.queue, resolver=self.resolver, transport=self.transport,
                               signers=self.signers, settings=self.settings, clock=self.clock,
-                              wakeup=self.wakeup, name=name)
+                              wakeup=self.wakeup, name=name, tls_planner=self.tls_planner)
 
 
 def build_transport(settings: Settings) -> SmtpTransport:
@@ -69,7 +72,8 @@ def build_transport(settings: Settings) -> SmtpTransport:
 
             raise ConfigError(f"SMTP_OUTBOUND_RELAY: {exc}") from None
     return SmtpTransport(helo_name=settings.SERVER_HOSTNAME, port=settings.SMTP_OUTBOUND_PORT,
-                         timeout=settings.SMTP_OUTBOUND_TIMEOUT_SECS, relay=relay)
+                         timeout=settings.SMTP_OUTBOUND_TIMEOUT_SECS, relay=relay,
+                         ca_file=settings.SMTP_OUTBOUND_CA_FILE or None)
 
 
 async def build_services(settings: Settings, **overrides: Any) -> Services:
@@ -123,9 +127,15 @@ def _with_inbound(services: Services, *, blobs: Any) -> Services:
     org_keys = services.org_keys or OrgKeys(services.db, services.box)
     mailstore = services.mailstore or MailStore(services.db, blobs, org_keys,
                                                 keep_parts=s.INBOX_STORE_PARSED_PARTS)
+    from inbox.delivery.mtasts import MtaStsResolver
+    from inbox.delivery.tlspolicy import TlsPolicyPlanner
+
+    mtasts = services.mtasts or MtaStsResolver(services.db, services.resolver,
+                                               clock=services.clock)
+    planner = services.tls_planner or TlsPolicyPlanner(services.resolver, s, mtasts)
     return replace(services, blobs=blobs, org_keys=org_keys, mailstore=mailstore,
                    limiter=services.limiter or RateLimiter(services.db),
-                   pubsub=services.pubsub or PubSub())
+                   pubsub=services.pubsub or PubSub(), mtasts=mtasts, tls_planner=planner)
 
 
 def build_inbound(services: Services) -> Any:
@@ -184,6 +194,35 @@ async def running_transfer(services: Services, *, port: int | None = None
 
 
 @contextlib.asynccontextmanager
+async def running_submission(services: Services, port: int | None = None,
+                             tls_port: int | None = None) -> AsyncIterator[Any]:
+    """Run SMTP submission in this event loop for the block: STARTTLS on SMTP_SUBMISSION_PORT
+    and implicit TLS on SMTP_SUBMISSIONS_PORT (0 = off). Yields the listeners (.port,
+    .tls_port)."""
+    from inbox.errors import ConfigError
+    from inbox.smtp.certs import load_tls_context
+    from inbox.smtp.submission import build_submission
+
+    s = services.settings
+    tls = load_tls_context(s.SMTP_TLS_CERT_FILE, s.SMTP_TLS_KEY_FILE, s.INBOX_DATA_DIR / "tls",
+                           s.SERVER_HOSTNAME)
+    if tls is None:  # not reached: a development certificate is made when none is configured
+        raise ConfigError("SMTP_TLS_CERT_FILE: submission needs TLS")
+    listeners = build_submission(
+        services, tls_context=tls, port=s.SMTP_SUBMISSION_PORT if port is None else port,
+        tls_port=s.SMTP_SUBMISSIONS_PORT if tls_port is None else tls_port)
+    try:
+        await listeners.start()
+    except OSError as exc:
+        raise ConfigError(f"SMTP_SUBMISSION_PORT/SMTP_SUBMISSIONS_PORT: cannot listen on "
+                          f"{s.SERVER_BIND_ADDR}: {exc.strerror or exc}") from None
+    try:
+        yield listeners
+    finally:
+        await listeners.stop()
+
+
+@contextlib.asynccontextmanager
 async def running_workers(services: Services, count: int = 1) -> AsyncIterator[None]:
     """Run delivery workers in this process for the duration of the block."""
     stop = asyncio.Event()
@@ -213,6 +252,8 @@ def create_app(settings: Settings, *, workers: bool = True, transfer: bool = Tru
             async with contextlib.AsyncExitStack() as stack:
                 if transfer and settings.INBOX_SMTP_TRANSFER_ENABLED:
                     await stack.enter_async_context(running_transfer(services))
+                if settings.INBOX_SMTP_SUBMISSION_ENABLED:
+                    await stack.enter_async_context(running_submission(services))
                 if workers:
                     await stack.enter_async_context(running_workers(services))
                 yield

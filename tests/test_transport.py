@@ -81,7 +81,7 @@ async def test_delivered_and_bytes_arrive_intact(
     result = await transport().deliver([at(smtp_sink)], "bounce@sender.test", ["ok@x.test"], RAW)
     assert result.connection_error is None
     assert result.host == "127.0.0.1"
-    assert result.tls == TlsOutcome(used=False)
+    assert result.tls == TlsOutcome(used=False, reason="STARTTLS not offered")
     [rcpt] = result.recipients
     assert (rcpt.delivered, rcpt.temporary, rcpt.code, rcpt.enhanced) == (True, False, 250, "2.0.0")
     assert rcpt.reply == "250 2.0.0 OK queued"

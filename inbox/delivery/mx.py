@@ -35,6 +35,8 @@ class MxHost:
     host: str
     preference: int
     implicit: bool
+    # The answer naming this host was DNSSEC-authenticated (RFC 7672 §2.2.1: DANE needs it).
+    authenticated: bool = False
 
 
 def ascii_domain(domain: str) -> str:
@@ -67,10 +69,11 @@ async def mx_hosts(
         # RFC 5321 §5.1: no MX records, but an address record → the domain is its own MX
         # with preference 0. If there is no address either, `DnsNotFound` propagates.
         try:
-            await resolver.ips(name)
+            addresses = await resolver.ips(name)
         except DnsNotFound:
             raise DnsNotFound(f"{name}: no MX and no address records") from None
-        return [MxHost(name, 0, implicit=True)]
+        return [MxHost(name, 0, implicit=True,
+                       authenticated=bool(getattr(addresses, "authenticated", False)))]
 
     # RFC 7505 §3: a null MX is one record, preference 0, target "." (our host ""). A "."
     # among other records is no deliverable host either, so it is dropped (§4.3).
@@ -88,5 +91,6 @@ async def mx_hosts(
     for record in ordered:
         if record.host not in seen:  # A host listed twice keeps its best preference.
             seen.add(record.host)
-            hosts.append(MxHost(record.host, record.preference, implicit=False))
+            hosts.append(MxHost(record.host, record.preference, implicit=False,
+                                authenticated=bool(getattr(records, "authenticated", False))))
     return hosts

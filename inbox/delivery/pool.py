@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from aiosmtplib import SMTP, SMTPException
 
@@ -25,6 +25,7 @@ class Endpoint(NamedTuple):
     host: str  # what we connect to: an IP address or a name
     port: int
     name: str = ""  # the MX host name, for TLS (SNI, certificate checks); defaults to host
+    policy: Any = None  # the `tlspolicy.HostPolicy` for this host (None: opportunistic)
 
     @property
     def tls_name(self) -> str:
@@ -36,6 +37,7 @@ class PoolKey(NamedTuple):
     port: int
     tls_name: str
     relay: bool
+    tls_policy: str = ""  # HostPolicy.pool_tag: never reuse a session set up under another
 
 
 @dataclass

@@ -92,6 +92,7 @@ class JobOutcome:
     recipients: list[RecipientOutcome] = field(default_factory=list)
     next_due: datetime | None = None  # set when some recipients are deferred
     detail: str = ""
+    tls: dict[str, Any] | None = None  # the attempt's TLS outcome (TlsOutcome.as_dict + mx)
 
 
 # A job's message row, raw bytes and recipients still to deliver.
@@ -167,6 +168,7 @@ class Queue:
             "events": [{
                 "id": new_id("evt"), "org": job["org"], "message": job["message"],
                 "type": r.status, "at": now, "recipient": r.address, "detail": r.response,
+                "tls": outcome.tls,
             } for r in recipients],
             "updates": [{"id": r.recipient_id, "status": r.status, "response": r.response,
                          "next": outcome.next_due if r.status == "DEFERRED" else None}

@@ -43,9 +43,31 @@ class TlsOutcome:
     version: str | None = None
     cipher: str | None = None
     error: str | None = None
+    policy: str = "opportunistic"  # none | opportunistic | required | mta-sts | dane
+    verified: bool = False  # the peer was authenticated (DANE or PKIX)
+    reason: str | None = None  # why not verified (or not used)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"used": self.used, "version": self.version, "cipher": self.cipher,
+                "policy": self.policy, "verified": self.verified,
+                "reason": self.reason or self.error}
 
 
 NO_TLS = TlsOutcome(used=False)
+
+
+@dataclass(frozen=True)
+class TlsReport:
+    """One session's TLS outcome for TLS-RPT (RFC 8460 §4.4): the policy it was under and
+    whether a TLS session was established as that policy required."""
+
+    mx_host: str
+    receiving_ip: str
+    policy_type: str  # sts | tlsa | no-policy-found
+    policy_strings: tuple[str, ...]
+    success: bool
+    result_type: str | None = None  # RFC 8460 §4.3 failure type
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -57,6 +79,7 @@ class AttemptResult:
     host: str | None
     tls: TlsOutcome
     connection_error: str | None
+    tls_reports: tuple[TlsReport, ...] = ()
 
 
 

@@ -34,8 +34,9 @@ class HostFailed(Exception):
 
     def __init__(self, text: str, *, code: int = 0, enhanced: str | None = None,
                  reply_text: str = "", permanent: bool = False,
-                 tls_handshake: bool = False) -> None:
+                 tls_handshake: bool = False, tls_result: str | None = None) -> None:
         super().__init__(text)
+        self.tls_result = tls_result  # an RFC 8460 failure type when TLS policy failed
         self.text = text
         self.code = code
         self.enhanced = enhanced
@@ -50,7 +51,7 @@ class StaleSession(HostFailed):
 
 
 async def run_transaction(conn: Connection, mail_from: str, rcpts: list[str], raw: bytes,
-                          smtputf8: bool) -> list[RecipientResult]:
+                          smtputf8: bool, requiretls: bool = False) -> list[RecipientResult]:
     """MAIL, RCPT for each recipient, DATA for the accepted ones.
 
     Raises `HostFailed` only before any DATA was sent (421 or connection lost), so the
@@ -72,6 +73,8 @@ async def run_transaction(conn: Connection, mail_from: str, rcpts: list[str], ra
         options.append("BODY=8BITMIME")  # RFC 6152 §3
     if smtputf8:
         options.append("SMTPUTF8")  # RFC 6531 §3.4
+    if requiretls:
+        options.append("REQUIRETLS")  # RFC 8689 §4.1
     encoding = "utf-8" if smtputf8 else "ascii"
     failed = StaleSession if reused else HostFailed
 

@@ -51,6 +51,7 @@ from aiosmtplib import (
     SMTPResponseException,
 )
 
+from inbox.delivery import dane
 from inbox.delivery.pool import Connection, Endpoint, PoolKey, SessionPool
 from inbox.delivery.relay import RelayConfig
 from inbox.delivery.results import (
@@ -58,9 +59,11 @@ from inbox.delivery.results import (
     AttemptResult,
     RecipientResult,
     TlsOutcome,
+    TlsReport,
     split_enhanced,
     synthetic,
 )
+from inbox.delivery.tlspolicy import OPPORTUNISTIC, HostPolicy
 from inbox.delivery.transaction import HostFailed, StaleSession, describe, run_transaction
 
 __all__ = [
@@ -109,7 +112,8 @@ class SmtpTransport:
     def __init__(self, helo_name: str, port: int = 25, timeout: float = 60,
                  relay: RelayConfig | None = None,
                  tls_context_factory: TlsContextFactory | None = None,
-                 source_address: str | None = None, *, max_idle_secs: float = 30,
+                 source_address: str | None = None, *, ca_file: str | None = None,
+                 max_idle_secs: float = 30,
                  max_messages_per_connection: int = 100, max_connections_per_endpoint: int = 8,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not helo_name or not helo_name.isascii() or any(c.isspace() for c in helo_name):
@@ -122,6 +126,8 @@ class SmtpTransport:
         self._tls_context_factory = tls_context_factory
         self._opportunistic = opportunistic_tls_context()
         self._verifying: ssl.SSLContext | None = None
+        self._ca_file = ca_file or None
+        self._dane_context: ssl.SSLContext | None = None
         self._pool = SessionPool(
             max_idle_secs=max_idle_secs, max_messages_per_connection=max_messages_per_connection,
             max_connections_per_endpoint=max_connections_per_endpoint,
@@ -151,6 +157,7 @@ class SmtpTransport:
         if not rcpts:
             return AttemptResult([], None, NO_TLS, None)
         failures: list[tuple[Endpoint, HostFailed]] = []
+        reports: list[TlsReport] = []
         for endpoint in self._endpoints(hosts):
             try:
                 conn, results = await self._deliver_to(endpoint, mail_from, rcpts, raw,
@@ -158,9 +165,18 @@ class SmtpTransport:
             except HostFailed as exc:
                 log.info("smtp %s:%s unusable: %s", endpoint.host, endpoint.port, exc.text)
                 failures.append((endpoint, exc))
+                if exc.tls_result is not None:
+                    reports.append(_report(endpoint, False, exc.tls_result, exc.text))
                 continue
-            return AttemptResult(results, endpoint.host, conn.tls, None)
-        return _unreachable(rcpts, failures)
+            if conn.tls.used:
+                reports.append(_report(endpoint, True))
+            elif self.relay is None:
+                reports.append(_report(endpoint, False, "starttls-not-supported",
+                                       conn.tls.error or "STARTTLS not offered"))
+            return AttemptResult(results, endpoint.host, conn.tls, None, tuple(reports))
+        result = _unreachable(rcpts, failures)
+        return AttemptResult(result.recipients, None, result.tls, result.connection_error,
+                             tuple(reports))
 
     async def close_idle(self) -> None:
         """Close every idle pooled session (with QUIT). The transport stays usable."""
@@ -192,8 +208,10 @@ class SmtpTransport:
 
     async def _run(self, conn: Connection, mail_from: str, rcpts: list[str], raw: bytes,
                    smtputf8: bool) -> list[RecipientResult]:
+        policy = conn.endpoint.policy or OPPORTUNISTIC
         try:
-            results = await run_transaction(conn, mail_from, rcpts, raw, smtputf8)
+            results = await run_transaction(conn, mail_from, rcpts, raw, smtputf8,
+                                            requiretls=policy.requiretls)
         except BaseException:  # host failed, or cancelled: unknown state, no polite QUIT
             conn.smtp.close()
             raise
@@ -201,7 +219,9 @@ class SmtpTransport:
         return results
 
     def _pool_key(self, endpoint: Endpoint) -> PoolKey:
-        return PoolKey(endpoint.host, endpoint.port, endpoint.tls_name, self.relay is not None)
+        tag = endpoint.policy.pool_tag if endpoint.policy is not None else ""
+        return PoolKey(endpoint.host, endpoint.port, endpoint.tls_name, self.relay is not None,
+                       tag)
 
     def _endpoints(self, hosts: Sequence[str | HostLike]) -> list[Endpoint]:
         if self.relay is not None:
@@ -214,17 +234,26 @@ class SmtpTransport:
                 port = getattr(host, "port", None)
                 name = getattr(host, "name", "") or ""
                 endpoints.append(Endpoint(host.host.rstrip("."), port or self.port,
-                                           name.rstrip(".")))
+                                          name.rstrip("."), getattr(host, "policy", None)))
         return endpoints
 
     async def _connect(self, endpoint: Endpoint) -> Connection:
         mode: _TlsMode = "opportunistic"
+        policy = endpoint.policy or OPPORTUNISTIC
         if self.relay is not None:
             mode = "required" if self.relay.starttls else "off"
+        elif policy.skip:
+            permanent = policy.skip_enhanced.startswith("5")
+            raise HostFailed(policy.skip, code=550 if permanent else 451,
+                             enhanced=policy.skip_enhanced, reply_text=policy.skip,
+                             permanent=permanent, tls_result=policy.report_result)
+        elif policy.require_tls:
+            mode = "required"
         try:
             return await self._open(endpoint, mode)
         except HostFailed as exc:
-            if not (exc.tls_handshake and mode == "opportunistic"):
+            if not (exc.tls_handshake and mode == "opportunistic"
+                    and policy.allow_plaintext_fallback):
                 raise
             # RFC 7435 §3: opportunistic TLS must not make delivery worse than plaintext. A
             # failed handshake leaves the connection unusable, so retry this host once without.
@@ -272,38 +301,69 @@ class SmtpTransport:
                 raise HostFailed(f"HELO {describe(helo_exc)}") from None
 
     async def _starttls(self, smtp: SMTP, endpoint: Endpoint, *, required: bool) -> TlsOutcome:
+        policy = endpoint.policy or OPPORTUNISTIC
+        verify = policy.verify if self.relay is None else ("pkix" if required else "none")
         if not smtp.supports_extension("starttls"):
             if required:
-                raise HostFailed("relay does not offer STARTTLS")
-            return NO_TLS
-        context = await self._tls_context(endpoint.tls_name, verify=required)
+                what = "relay" if self.relay is not None else endpoint.tls_name
+                raise HostFailed(f"{what} does not offer STARTTLS, which the {policy.policy}"
+                                 " policy requires", tls_result="starttls-not-supported")
+            return TlsOutcome(used=False, policy=policy.policy, reason="STARTTLS not offered")
+        context = await self._tls_context(endpoint.tls_name, verify=verify)
         try:
             await smtp.starttls(server_hostname=endpoint.tls_name, tls_context=context)
         except SMTPResponseException as exc:
             # RFC 3207 §4: e.g. 454 TLS not available; the plaintext session goes on.
             if required or exc.code == 421 or not smtp.is_connected:
-                raise HostFailed(f"STARTTLS {describe(exc)}") from None
-            return TlsOutcome(used=False, error=f"STARTTLS {describe(exc)}")
+                raise HostFailed(f"STARTTLS {describe(exc)}",
+                                 tls_result="starttls-not-supported") from None
+            return TlsOutcome(used=False, error=f"STARTTLS {describe(exc)}",
+                              policy=policy.policy)
         except (SMTPException, OSError) as exc:
-            raise HostFailed(f"TLS handshake failed: {describe(exc)}",
-                              tls_handshake=True) from None
+            raise HostFailed(f"TLS handshake failed: {describe(exc)}", tls_handshake=True,
+                             tls_result=_handshake_result(exc)) from None
+        ssl_object = smtp.get_transport_info("ssl_object")
+        verified, reason = verify == "pkix", None
+        if verify == "dane":
+            verdict = dane.verify_chain(policy.tlsa, dane.peer_chain_der(ssl_object),
+                                        mx_host=endpoint.tls_name)
+            if not verdict.ok:
+                raise HostFailed(f"DANE: {verdict.reason}", tls_result="validation-failure")
+            verified, reason = True, verdict.reason
+        elif verify == "none":
+            reason = "certificate not checked (opportunistic)"
         # RFC 3207 §4.2: forget what the server said before TLS and ask again.
         await self._hello(smtp)
-        ssl_object = smtp.get_transport_info("ssl_object")
+        if policy.requiretls and not smtp.supports_extension("requiretls"):
+            # RFC 8689 §4.2.1: the next hop must promise to keep requiring TLS.
+            raise HostFailed(f"{endpoint.tls_name} does not support REQUIRETLS", code=550,
+                             enhanced="5.7.30", permanent=True,
+                             reply_text="REQUIRETLS support required")
         if ssl_object is None:
-            return TlsOutcome(used=True)
+            return TlsOutcome(used=True, policy=policy.policy, verified=verified, reason=reason)
         cipher = ssl_object.cipher()
         return TlsOutcome(used=True, version=ssl_object.version(),
-                          cipher=cipher[0] if cipher else None)
+                          cipher=cipher[0] if cipher else None, policy=policy.policy,
+                          verified=verified, reason=reason)
 
-    async def _tls_context(self, host: str, *, verify: bool) -> ssl.SSLContext:
+    async def _tls_context(self, host: str, *, verify: str) -> ssl.SSLContext:
         if self._tls_context_factory is not None:
             return self._tls_context_factory(host)
-        if not verify:
+        if verify == "dane":
+            if self._dane_context is None:
+                self._dane_context = dane.tls_context_for_dane()
+            return self._dane_context
+        if verify != "pkix":
             return self._opportunistic
         if self._verifying is None:
-            # Loads the system CA store: disk I/O, kept off the event loop.
-            self._verifying = await asyncio.to_thread(ssl.create_default_context)
+            # Loads the system CA store (and SMTP_OUTBOUND_CA_FILE): disk I/O, off the loop.
+            def build() -> ssl.SSLContext:
+                context = ssl.create_default_context()
+                if self._ca_file:
+                    context.load_verify_locations(cafile=self._ca_file)
+                return context
+
+            self._verifying = await asyncio.to_thread(build)
         return self._verifying
 
     async def _login(self, smtp: SMTP, username: str, password: str) -> None:
@@ -332,3 +392,25 @@ def _unreachable(rcpts: list[str], failures: list[tuple[Endpoint, HostFailed]]
         text = f"{last_endpoint.host}:{last_endpoint.port}: {last.text}"
         results = [synthetic(a, 451, "4.4.1", text) for a in rcpts]
     return AttemptResult(results, None, NO_TLS, summary)
+
+
+def _report(endpoint: Endpoint, success: bool, result_type: str | None = None,
+            reason: str = "") -> TlsReport:
+    policy: HostPolicy = endpoint.policy or OPPORTUNISTIC
+    return TlsReport(endpoint.tls_name, endpoint.host, policy.report_type,
+                     policy.report_strings, success, None if success else result_type, reason)
+
+
+def _handshake_result(exc: BaseException) -> str:
+    """The RFC 8460 §4.3.1 result type for a failed TLS handshake."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            code = getattr(seen, "verify_code", 0)
+            if code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
+                return "certificate-host-mismatch"
+            if code == 10:  # X509_V_ERR_CERT_HAS_EXPIRED
+                return "certificate-expired"
+            return "certificate-not-trusted"
+        seen = seen.__cause__ or seen.__context__
+    return "validation-failure"

@@ -38,6 +38,7 @@ class Target:
 
     host: str
     name: str
+    policy: Any = None  # tlspolicy.HostPolicy for this MX host
 
 
 class Completer:
@@ -105,7 +106,7 @@ def _synthetic(addresses: list[str], code: int, enhanced: str, text: str) -> Att
 class DeliveryWorker:
     def __init__(self, *, queue: Queue, resolver: Any, transport: Any, signers: SignerCache,
                  settings: Any, clock: Callable[[], datetime], wakeup: asyncio.Event | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, tls_planner: Any = None) -> None:
         self.queue = queue
         self.resolver = resolver
         self.transport = transport
@@ -117,6 +118,8 @@ class DeliveryWorker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._completer = Completer(queue, self.name, clock)
         self._next_cleanup = 0.0
+        self.tls_planner = tls_planner
+        self._dnssec_overrides: dict[tuple[str, str], tuple[float, bool | None]] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Lease and process jobs until `stop` is set; then release what is unfinished."""
@@ -204,6 +207,10 @@ class DeliveryWorker:
             addresses = [r["address"] for r in rcpts]
             result = await self._attempt(job, message, raw, addresses)
             outcome = self._decide(job, rcpts, result)
+            if result.host is not None or result.tls_reports:
+                mx = result.tls_reports[-1].mx_host if result.tls_reports else result.host
+                outcome.tls = {**result.tls.as_dict(), "mx": mx}
+            await self._report_tls(job["rcpt_domain"], result)
             span.set_attribute("inbox.statuses", ",".join(r.status for r in outcome.recipients))
             if not await self._completer.complete(outcome):
                 log.warning("lease on %s was lost before completion; another worker owns it",
@@ -220,7 +227,8 @@ class DeliveryWorker:
         hosts: list[Target] = []
         if self.transport.relay is None:
             try:
-                hosts = await self._targets(job["rcpt_domain"])
+                hosts = await self._targets(job["rcpt_domain"], job,
+                                            require_tls=bool(message.get("require_tls")))
             except NullMx as exc:
                 return _synthetic(addresses, 556, "5.1.10", exc.message)
             except DnsNotFound as exc:
@@ -230,11 +238,19 @@ class DeliveryWorker:
         return await self.transport.deliver(hosts, message["envelope_from"], addresses, signed,
                                             smtputf8=bool(message.get("smtputf8")))
 
-    async def _targets(self, domain: str) -> list[Target]:
-        """MX hosts in order, each resolved to its addresses through our resolver."""
+    async def _targets(self, domain: str, job: dict[str, Any] | None = None, *,
+                       require_tls: bool = False) -> list[Target]:
+        """MX hosts in order, each resolved to its addresses through our resolver, each with
+        the TLS policy the transport must apply to it."""
         targets: list[Target] = []
         temporary: DnsTemporary | None = None
-        for mx in await mx_hosts(self.resolver, domain):
+        hosts = await mx_hosts(self.resolver, domain)
+        policies: dict[str, Any] = {}
+        if self.tls_planner is not None:
+            dnssec = await self._dnssec(job) if job is not None else True
+            policies = await self.tls_planner.plan(domain, hosts, dnssec=dnssec,
+                                                   require_tls=require_tls)
+        for mx in hosts:
             try:
                 ips = await self.resolver.ips(mx.host)
             except DnsNotFound:
@@ -242,12 +258,58 @@ class DeliveryWorker:
             except DnsTemporary as exc:
                 temporary = exc
                 continue
-            targets.extend(Target(ip, mx.host) for ip in ips)
+            policy = policies.get(mx.host.rstrip(".").lower())
+            targets.extend(Target(ip, mx.host, policy) for ip in ips)
         if not targets:
             if temporary is not None:
                 raise temporary
             raise DnsTemporary(f"no MX host of {domain} has an address")
         return targets
+
+    async def _dnssec(self, job: dict[str, Any]) -> bool:
+        """SMTP_OUTBOUND_DNSSEC_VALIDATE, unless the sending domain overrides it
+        (`outbound_dnssec_validate` on has_domain); cached per instance for a minute."""
+        default = bool(self.settings.SMTP_OUTBOUND_DNSSEC_VALIDATE)
+        key = (job.get("org", ""), job.get("sending_domain", ""))
+        now = asyncio.get_running_loop().time()
+        hit = self._dnssec_overrides.get(key)
+        if hit is None or hit[0] <= now:
+            value = None
+            try:
+                rows = await self.queue.db.one(
+                    "SELECT outbound_dnssec_validate FROM has_domain WHERE org = $org AND"
+                    " domain = $domain LIMIT 1", {"org": key[0], "domain": key[1]})
+                value = rows[0].get("outbound_dnssec_validate") if rows else None
+            except InboxError:
+                log.warning("could not read the DNSSEC override of %s", key[1])
+            hit = (now + 60.0, value)
+            self._dnssec_overrides[key] = hit
+        return default if hit[1] is None else bool(hit[1])
+
+    async def _report_tls(self, domain: str, result: AttemptResult) -> None:
+        """Count this attempt's TLS outcomes for TLS-RPT, when the domain asks for reports
+        (RFC 8460 §3: a `_smtp._tls` TXT record); the daily report job sends them."""
+        if not result.tls_reports:
+            return
+        from inbox.delivery import tlsrpt
+
+        try:
+            texts = list(await self.resolver.txt(f"_smtp._tls.{domain}"))
+        except (DnsNotFound, DnsTemporary):
+            return
+        if tlsrpt.select_record(texts) is None:
+            return
+        day = self.clock().date()
+        for report in result.tls_reports:
+            try:
+                await tlsrpt.record(
+                    self.queue.db, day=day, policy_domain=domain,
+                    policy_type=report.policy_type, policy_strings=list(report.policy_strings),
+                    mx_host=report.mx_host, success=report.success,
+                    result_type=report.result_type, receiving_ip=report.receiving_ip,
+                    failure_reason=report.reason)
+            except InboxError:
+                log.warning("could not count a TLS-RPT result for %s", domain, exc_info=True)
 
     def _decide(self, job: dict[str, Any], rcpts: list[dict[str, Any]],
                 result: AttemptResult) -> JobOutcome:

@@ -101,11 +101,35 @@ class Recipient:
 
 
 @strawberry.type
+class TlsInfo:
+    """How the session of one delivery attempt was protected."""
+
+    mx: str | None = strawberry.field(description="The MX host the attempt ended with.")
+    used: bool = strawberry.field(description="A TLS session carried the transaction.")
+    version: str | None
+    cipher: str | None
+    policy: str = strawberry.field(
+        description="none, opportunistic, required, mta-sts or dane.")
+    verified: bool = strawberry.field(description="The server was authenticated (DANE/PKIX).")
+    reason: str | None = strawberry.field(description="Why TLS was not used or not verified.")
+
+    @classmethod
+    def of(cls, row: dict[str, Any] | None) -> TlsInfo | None:
+        if not row:
+            return None
+        return cls(mx=row.get("mx"), used=bool(row.get("used")), version=row.get("version"),
+                   cipher=row.get("cipher"), policy=row.get("policy") or "opportunistic",
+                   verified=bool(row.get("verified")), reason=row.get("reason"))
+
+
+@strawberry.type
 class MessageEvent:
     type: str
     at: datetime
     recipient: str | None
     detail: str | None
+    tls: TlsInfo | None = strawberry.field(
+        default=None, description="TLS of the delivery attempt that produced this event.")
 
 
 @strawberry.type
@@ -134,7 +158,8 @@ class Message:
     async def events(self, info: strawberry.Info) -> list[MessageEvent]:
         rows = await info.context.load_events(str(self.id))
         return [MessageEvent(type=r["type"], at=r["at"], recipient=r.get("recipient"),
-                             detail=r.get("detail")) for r in rows]
+                             detail=r.get("detail"), tls=TlsInfo.of(r.get("tls")))
+                for r in rows]
 
     @classmethod
     def of(cls, row: dict[str, Any]) -> Message:
