@@ -225,8 +225,13 @@ async def running_submission(services: Services, port: int | None = None,
 @contextlib.asynccontextmanager
 async def running_workers(services: Services, count: int = 1) -> AsyncIterator[None]:
     """Run delivery workers in this process for the duration of the block."""
+    from inbox.delivery.tlsrpt_report import run_daily
+
     stop = asyncio.Event()
     tasks = [asyncio.create_task(services.worker().run(stop)) for _ in range(count)]
+    # TLS-RPT (RFC 8460): yesterday's aggregate reports, once a day (claimed in the database,
+    # so several instances send each report once).
+    tasks.append(asyncio.create_task(run_daily(services, stop, clock=services.clock)))
     try:
         yield
     finally:
