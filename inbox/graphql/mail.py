@@ -37,7 +37,7 @@ from inbox.graphql.mail_types import (
     RemoveAliasPayload,
 )
 from inbox.graphql.schema import _page_size, _payload
-from inbox.graphql.types import PageInfo
+from inbox.graphql.types import PageInfo, UserError
 from inbox.tenancy import mailboxes as mbx
 from inbox.tenancy import orgkeys
 
@@ -136,6 +136,14 @@ class MailQuery:
 
 
 @strawberry.type
+class DomainOutboundTlsPayload:
+    domain: str | None
+    dnssec_validate: bool | None = strawberry.field(
+        description="The override; null: SMTP_OUTBOUND_DNSSEC_VALIDATE applies.")
+    errors: list[UserError]
+
+
+@strawberry.type
 class MailMutation:
     @strawberry.mutation(description="Create a mailbox at localPart@domain (a domain of this "
                          "organization). Scope: admin.")
@@ -217,6 +225,24 @@ class MailMutation:
             return DomainInboundPayload(settings=DomainInbound.of(view), errors=[])
 
         return await _payload(run, lambda e: DomainInboundPayload(settings=None, errors=e))
+
+    @strawberry.mutation(description="Whether delivery from this sending domain trusts DNSSEC "
+                         "(DANE needs it): true/false override the server's "
+                         "SMTP_OUTBOUND_DNSSEC_VALIDATE, null goes back to it. Workers apply a "
+                         "change within a minute. Scope: admin.")
+    async def set_domain_outbound_tls(self, info: strawberry.Info, domain: str,
+                                      dnssec_validate: bool | None) -> DomainOutboundTlsPayload:
+        async def run() -> DomainOutboundTlsPayload:
+            from inbox.tenancy.domains import set_outbound_dnssec
+
+            p = await info.context.principal("admin")
+            row = await set_outbound_dnssec(info.context.services.db, p.org, domain,
+                                            dnssec_validate)
+            return DomainOutboundTlsPayload(domain=row["domain"], dnssec_validate=row.get(
+                "outbound_dnssec_validate"), errors=[])
+
+        return await _payload(run, lambda e: DomainOutboundTlsPayload(
+            domain=None, dnssec_validate=None, errors=e))
 
     @strawberry.mutation(description="Register the X25519 public key (base64 of 32 bytes) that "
                          "end-to-end encrypted mail is encrypted to. Scope: admin.")

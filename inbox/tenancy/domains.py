@@ -165,3 +165,15 @@ async def verify_domain(db: Database, resolver: Any, org: str, name: str, now: d
         {"id": row["id"], "ok": ok, "now": now, "checks": checks, "org": org},
     )
     return _public(rows[0]), checks
+
+
+async def set_outbound_dnssec(db: Database, org: str, name: str, value: bool | None
+                              ) -> dict[str, Any]:
+    """The sending domain's override of SMTP_OUTBOUND_DNSSEC_VALIDATE (None: the default).
+    Delivery workers pick it up within a minute."""
+    row = await get_domain(db, org, name)
+    rows = await db.one("UPDATE type::thing('has_domain', $id) SET outbound_dnssec_validate"
+                        " = $value WHERE org = $org", {"id": row["id"], "value": value,
+                                                       "org": org})
+    return _public(rows[0])
+
