@@ -133,6 +133,7 @@ def service_env(data_dir: Path, **values: str) -> dict[str, str]:
         "OTEL_TRACES_EXPORTER": "none",
         "PYTHONUNBUFFERED": "1",
         "INBOX_SMTP_TRANSFER_ENABLED": "false",  # this benchmark measures sending only
+        "SMTP_SUBMISSION_PORT": "0", "SMTP_SUBMISSIONS_PORT": "0",  # never 587/465
     })
     env.update(values)
     return env

@@ -1,5 +1,5 @@
 """CLI: `inbox serve | worker | org create | domain add | apikey create | mailbox create |
-keygen | decrypt | schema`."""
+smtp-credential create/revoke | keygen | decrypt | schema`."""
 
 from __future__ import annotations
 
@@ -65,6 +65,32 @@ def cmd_apikey_create(args: argparse.Namespace, settings: Settings) -> None:
                                         s.clock(), args.name or "")
         _print(args, {"id": row["id"], "key": key, "scopes": row["scopes"]},
                f"{key}\n(shown once; scopes: {', '.join(row['scopes'])})")
+
+    asyncio.run(_with_services(settings, run))
+
+
+def cmd_smtp_credential_create(args: argparse.Namespace, settings: Settings) -> None:
+    from inbox.tenancy import get_organization
+    from inbox.tenancy.smtpcreds import create_smtp_credential
+
+    async def run(s: Any) -> None:
+        await get_organization(s.db, args.org)
+        row, password = await create_smtp_credential(s.db, args.org, s.clock(),
+                                                     args.name or "")
+        _print(args, {"id": row["id"], "username": row["id"], "password": password},
+               f"username: {row['id']}\npassword: {password}\n(shown once; AUTH PLAIN or "
+               "LOGIN on the submission ports, after TLS)")
+
+    asyncio.run(_with_services(settings, run))
+
+
+def cmd_smtp_credential_revoke(args: argparse.Namespace, settings: Settings) -> None:
+    from inbox.tenancy.smtpcreds import revoke_smtp_credential
+
+    async def run(s: Any) -> None:
+        row = await revoke_smtp_credential(s.db, args.org, args.id, s.clock())
+        _print(args, {"id": row["id"], "revoked_at": row["revoked_at"]},
+               f"SMTP credential {row['id']} revoked")
 
     asyncio.run(_with_services(settings, run))
 
@@ -181,6 +207,14 @@ def parser() -> argparse.ArgumentParser:
     mc.add_argument("org")
     mc.add_argument("domain")
     mc.add_argument("local_part")
+    sc = sub.add_parser("smtp-credential", help="SMTP submission credentials").add_subparsers(
+        dest="action", required=True)
+    scc = sc.add_parser("create", help="a username/password (the password is shown once)")
+    scc.add_argument("org")
+    scc.add_argument("--name")
+    scr = sc.add_parser("revoke")
+    scr.add_argument("org")
+    scr.add_argument("id", help="the credential's id (its username)")
     kg = sub.add_parser("keygen", help="make an X25519 key pair for end-to-end encrypted mail")
     dc = sub.add_parser("decrypt", help="decrypt an end-to-end encrypted message or attachment")
     dc.add_argument("input", help="file with the ciphertext ('-' = stdin)")
@@ -190,7 +224,7 @@ def parser() -> argparse.ArgumentParser:
     dc.add_argument("--key-file", help="file holding the private key (default: read stdin)")
     dc.add_argument("--base64", action="store_true", help="input is base64 (as the API sends)")
     dc.add_argument("-o", "--output", help="where to write the plaintext (default: stdout)")
-    for sp in (oc, da, kc, mc, kg):
+    for sp in (oc, da, kc, mc, kg, scc, scr):
         # SUPPRESS: `inbox --json org create` must not be reset by the subcommand's default.
         sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="machine-readable output")
@@ -201,6 +235,8 @@ COMMANDS = {
     ("serve", None): cmd_serve, ("worker", None): cmd_worker, ("schema", None): cmd_schema,
     ("org", "create"): cmd_org_create, ("domain", "add"): cmd_domain_add,
     ("apikey", "create"): cmd_apikey_create, ("mailbox", "create"): cmd_mailbox_create,
+    ("smtp-credential", "create"): cmd_smtp_credential_create,
+    ("smtp-credential", "revoke"): cmd_smtp_credential_revoke,
     ("keygen", None): cmd_keygen, ("decrypt", None): cmd_decrypt,
 }
 

@@ -8,6 +8,8 @@ encoded-word stays literal and no line can exceed 998 octets. The MIME tree is b
 from __future__ import annotations
 
 import base64
+import email.errors
+import email.header
 import email.policy
 import email.utils
 import mimetypes
@@ -538,3 +540,144 @@ def build_mime(validated: ValidatedMessage, message_id_domain: str, now: datetim
         raise MessageTooLarge(f"message is {len(raw)} bytes; the limit is {max_bytes}",
                               field=["message"])
     return raw, message_id
+
+
+# --- a message built by the client (SMTP submission) --------------------------------------------
+
+# RFC 5322 §3.6: fields that may appear at most once.
+_ONCE = ("from", "sender", "to", "cc", "bcc", "subject", "message-id", "date", "reply-to",
+         "idempotency-key")
+# Not passed on: Bcc (RFC 5322 §3.6.3: recipients come from the envelope) and our own
+# submission option.
+DROPPED_HEADERS = frozenset({b"bcc", b"idempotency-key"})
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
+
+
+@dataclass
+class EnvelopeRecipient:
+    address: str  # RCPT TO mailbox
+    notify: str | None = None  # RFC 3461 §4.1 NOTIFY, as given
+    orcpt: str | None = None  # RFC 3461 §4.2 ORCPT, as given (addr-type;xtext)
+
+
+@dataclass
+class RawMessage:
+    """A MIME message as the client sent it (SMTP submission): delivered as is (plus
+    Message-ID/Date when missing, minus Bcc) to the envelope recipients."""
+
+    data: bytes  # CRLF line endings, dot-unstuffed
+    mail_from: str
+    rcpt_to: list[EnvelopeRecipient]
+    smtputf8: bool = False
+    dsn_ret: str | None = None  # RFC 3461 §4.3 RET (FULL/HDRS)
+    dsn_envid: str | None = None  # RFC 3461 §4.4 ENVID, as given (xtext)
+    trace: bytes = b""  # our Received field, put in front (not part of the idempotency hash)
+
+
+@dataclass(frozen=True)
+class PreparedRaw:
+    from_: Address  # the header From mailbox
+    envelope_from: Address
+    to: tuple[str, ...]  # for display: addr-specs named in To/Cc
+    cc: tuple[str, ...]
+    subject: str
+    envelope_recipients: tuple[Address, ...]  # deduplicated, in order
+    rcpt_params: dict[str, EnvelopeRecipient]  # by addr_spec
+    smtputf8: bool
+    data: bytes  # what will be sent
+    message_id: str
+    header_fields: dict[str, str]  # unfolded values of the single-instance fields we read
+
+    @property
+    def from_header(self) -> str:
+        return self.from_.formatted
+
+
+def _header_fields(data: bytes) -> tuple[list[bytes], bytes]:
+    """(header fields each with its CRLFs, body with the blank line) of a CRLF message."""
+    end = data.find(b"\r\n\r\n")
+    head, body = (data, b"") if end < 0 else (data[:end + 2], data[end + 2:])
+    fields: list[bytes] = []
+    for line in head.split(b"\r\n")[:-1] if head.endswith(b"\r\n") else head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line + b"\r\n"  # RFC 5322 §2.2.3: a folded continuation
+        elif b":" in line and _FIELD_NAME.fullmatch(line.split(b":", 1)[0].rstrip(b" \t")):
+            fields.append(line + b"\r\n")
+        else:
+            raise ValidationError("the message does not start with a header section "
+                                  "(RFC 5322 2.2)", field=["message"])
+    return fields, body
+
+
+def _decoded(value: str) -> str:
+    """An unstructured value with RFC 2047 encoded-words decoded (left as is if broken)."""
+    if "=?" not in value:
+        return value
+    try:
+        return str(email.header.make_header(email.header.decode_header(value)))
+    except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError):
+        return value
+
+
+def _mailboxes(value: str) -> list[str]:
+    return [addr for _, addr in email.utils.getaddresses([value]) if "@" in addr]
+
+
+def prepare_raw(msg: RawMessage, *, now: datetime, max_bytes: int = MAX_MESSAGE_BYTES,
+                message_id_domain: str | None = None) -> PreparedRaw:
+    """Check a client-built message: one From mailbox, single-instance fields at most once,
+    a valid envelope; add Date and Message-ID when missing, drop Bcc. Typed errors."""
+    fields, body = _header_fields(msg.data)
+    values: dict[str, str] = {}
+    kept: list[bytes] = []
+    for raw_field in fields:
+        name_bytes, _, value_bytes = raw_field.partition(b":")
+        name = name_bytes.rstrip(b" \t").decode("ascii").lower()
+        value = re.sub(r"\r\n(?=[ \t])", "", value_bytes.decode("utf-8", "surrogateescape")
+                       ).strip()
+        if name in _ONCE:
+            if name in values:
+                raise ValidationError(f"the {name} header field appears twice (RFC 5322 3.6)",
+                                      field=["headers", name])
+            values[name] = value
+        if name.encode() not in DROPPED_HEADERS:
+            kept.append(raw_field)
+    if "from" not in values:
+        raise ValidationError("the message has no From header field", field=["from"])
+    senders = email.utils.getaddresses([values["from"]])
+    if len(senders) != 1 or "@" not in senders[0][1]:
+        raise ValidationError("From must name exactly one mailbox", field=["from"])
+    sender = parse_address(senders[0][1], ["from"])
+    sender = Address(_check_text(_decoded(senders[0][0]), ["from"], "display name"),
+                     sender.local, sender.domain, sender.ascii_domain)
+    envelope_from = parse_address(msg.mail_from, ["mailFrom"])
+    seen: dict[str, EnvelopeRecipient] = {}
+    recipients: list[Address] = []
+    lowered: set[str] = set()
+    for i, rcpt in enumerate(msg.rcpt_to):
+        addr = parse_address(rcpt.address, ["rcptTo", str(i)])
+        if addr.addr_spec.lower() not in lowered:
+            lowered.add(addr.addr_spec.lower())
+            recipients.append(addr)
+            seen[addr.addr_spec] = rcpt
+    if not recipients:
+        raise ValidationError("at least one recipient is needed", field=["rcptTo"])
+    added = b""
+    if "date" not in values:  # RFC 5322 §3.6: Date is required
+        added += f"Date: {email.utils.format_datetime(now)}\r\n".encode()
+    message_id = values.get("message-id", "")
+    if not message_id:  # RFC 5322 §3.6.4: SHOULD be present; RFC 6409 §8.3: the MSA adds it
+        domain = message_id_domain or sender.ascii_domain
+        message_id = f"<{secrets.token_hex(16)}@{domain}>"
+        added += f"Message-ID: {message_id}\r\n".encode()
+    data = msg.trace + added + b"".join(kept) + body
+    if len(data) > max_bytes:
+        raise MessageTooLarge(f"message is {len(data)} bytes; the limit is {max_bytes}",
+                              field=["message"])
+    smtputf8 = msg.smtputf8 or any(a.smtputf8 for a in (sender, envelope_from, *recipients))
+    return PreparedRaw(
+        from_=sender, envelope_from=envelope_from,
+        to=tuple(_mailboxes(values.get("to", ""))), cc=tuple(_mailboxes(values.get("cc", ""))),
+        subject=_decoded(values.get("subject", ""))[:1000],
+        envelope_recipients=tuple(recipients), rcpt_params=seen, smtputf8=smtputf8, data=data,
+        message_id=message_id[:1000], header_fields=values)

@@ -1,7 +1,8 @@
-"""submit(): the one way mail gets in for sending (GraphQL today, SMTP submission later).
+"""submit(): the one way mail gets in for sending (GraphQL and SMTP submission).
 
-Authorises the principal, checks the From domain belongs to the organization and is verified,
-validates and builds the MIME, applies idempotency, quotas and suppressions, and stores the
+Authorises the principal, checks the From domain (and for SMTP the envelope sender's domain)
+belongs to the organization and is verified, validates and builds the MIME (or checks the
+client's own MIME, `RawMessage`), applies idempotency, quotas and suppressions, and stores the
 message with one job per recipient domain in a single transaction — durable before "ok".
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,7 +25,15 @@ from inbox.errors import (
     QuotaExceeded,
     ValidationError,
 )
-from inbox.message import OutboundMessage, build_mime, validate
+from inbox.message import (
+    Address,
+    OutboundMessage,
+    PreparedRaw,
+    RawMessage,
+    build_mime,
+    prepare_raw,
+    validate,
+)
 from inbox.storage import Database, DbThrow, new_id
 from inbox.tenancy import Principal, TenantCache, effective_quotas
 
@@ -40,14 +49,24 @@ class SubmitOptions:
     tags: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     source: str = "graphql"
+    require_tls: bool = False  # RFC 8689 REQUIRETLS: stored on the message and its jobs
 
 
-def _payload_hash(msg: OutboundMessage, opts: SubmitOptions) -> str:
+def _payload_hash(msg: OutboundMessage | RawMessage, opts: SubmitOptions) -> str:
+    if isinstance(msg, RawMessage):  # the client's bytes and envelope, before our additions
+        envelope: dict[str, Any] = {
+            "raw": hashlib.sha256(msg.data).hexdigest(), "mail_from": msg.mail_from,
+            "rcpt_to": [asdict(r) for r in msg.rcpt_to], "ret": msg.dsn_ret,
+            "envid": msg.dsn_envid, "require_tls": opts.require_tls, "tags": opts.tags,
+            "metadata": opts.metadata}
+        return hashlib.sha256(json.dumps(envelope, sort_keys=True).encode()).hexdigest()
     data = asdict(msg)
     for att in data["attachments"]:
         att["content"] = hashlib.sha256(att["content"]).hexdigest()
     data["tags"] = opts.tags
     data["metadata"] = opts.metadata
+    if opts.require_tls:  # only when set: hashes of earlier sends stay the same
+        data["require_tls"] = True
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -116,7 +135,8 @@ COMMIT TRANSACTION;
 """
 
 
-async def submit(db: Database, principal: Principal, msg: OutboundMessage, opts: SubmitOptions,
+async def submit(db: Database, principal: Principal, msg: OutboundMessage | RawMessage,
+                 opts: SubmitOptions,
                  *, settings: Any, now: datetime | None = None,
                  cache: TenantCache | None = None) -> dict[str, Any]:
     """Store a message for delivery; returns its row (the first message's on a replay)."""
@@ -145,32 +165,65 @@ async def _tenant_rows(db: Database, org: str, domain: str, cache: TenantCache |
     return rows
 
 
-async def _submit(db: Database, principal: Principal, msg: OutboundMessage, opts: SubmitOptions,
-                  settings: Any, now: datetime, cache: TenantCache | None) -> dict[str, Any]:
-    principal.require("send")
-    _check_options(opts)
-    validated = validate(msg, max_bytes=settings.SMTP_MAX_MESSAGE_BYTES)
-    sender = validated.from_
-    recipients = validated.envelope_recipients
-    domain_row, org_row = await _tenant_rows(db, principal.org, sender.ascii_domain, cache)
+async def sending_limits(db: Database, principal: Principal, domain: str, settings: Any,
+                         cache: TenantCache | None = None, *, field: str = "from"
+                         ) -> dict[str, Any]:
+    """The effective quotas of `domain` for the principal's organization; raises Forbidden
+    (not the organization's domain), DomainNotVerified or NotFound."""
+    domain_row, org_row = await _tenant_rows(db, principal.org, domain, cache)
     if domain_row is None:
-        raise Forbidden(f"{sender.ascii_domain} is not a domain of your organization",
-                        field=["from"])
+        raise Forbidden(f"{domain} is not a domain of your organization", field=[field])
     if not domain_row["verified"]:
         raise DomainNotVerified(
-            f"{sender.ascii_domain} is not verified yet: publish its DNS records and call "
-            "verifyDomain", field=["from"])
+            f"{domain} is not verified yet: publish its DNS records and call verifyDomain",
+            field=[field])
     if not org_row:
         raise NotFound("your organization no longer exists")
-    limits = effective_quotas(settings, org_row, domain_row)
+    return effective_quotas(settings, org_row, domain_row)
+
+
+async def _submit(db: Database, principal: Principal, msg: OutboundMessage | RawMessage,
+                  opts: SubmitOptions, settings: Any, now: datetime, cache: TenantCache | None
+                  ) -> dict[str, Any]:
+    principal.require("send")
+    prepared: PreparedRaw | None = None
+    if isinstance(msg, RawMessage):
+        prepared = prepare_raw(msg, now=now, max_bytes=settings.SMTP_MAX_MESSAGE_BYTES)
+        if opts.idempotency_key is None and prepared.header_fields.get("idempotency-key"):
+            opts = replace(opts, idempotency_key=prepared.header_fields["idempotency-key"])
+        _check_options(opts)
+        sender: Address = prepared.from_
+        recipients = prepared.envelope_recipients
+        envelope_from = prepared.envelope_from
+        from_header, to, cc = prepared.from_header, list(prepared.to), list(prepared.cc)
+        subject, smtputf8 = prepared.subject, prepared.smtputf8
+    else:
+        _check_options(opts)
+        validated = validate(msg, max_bytes=settings.SMTP_MAX_MESSAGE_BYTES)
+        sender = envelope_from = validated.from_
+        recipients = validated.envelope_recipients
+        from_header = validated.from_header
+        to, cc = [a.addr_spec for a in validated.to], [a.addr_spec for a in validated.cc]
+        subject = msg.subject
+        smtputf8 = sender.smtputf8 or any(a.smtputf8 for a in recipients)
+    limits = await sending_limits(db, principal, sender.ascii_domain, settings, cache)
+    if envelope_from.ascii_domain != sender.ascii_domain:
+        await sending_limits(db, principal, envelope_from.ascii_domain, settings, cache,
+                             field="mailFrom")
     if len(recipients) > limits["quota_max_recipients_per_message"]:
         raise QuotaExceeded(
             f"{len(recipients)} recipients exceed the limit of "
             f"{limits['quota_max_recipients_per_message']} per message",
             limit="max_recipients_per_message", field=["to"])
 
-    raw, message_id_header = build_mime(validated, sender.ascii_domain, now,
-                                        max_bytes=settings.SMTP_MAX_MESSAGE_BYTES)
+    if prepared is not None:
+        raw, message_id_header = prepared.data, prepared.message_id
+    else:
+        raw, message_id_header = build_mime(validated, sender.ascii_domain, now,
+                                            max_bytes=settings.SMTP_MAX_MESSAGE_BYTES)
+    rcpt_params = prepared.rcpt_params if prepared is not None else {}
+    dsn_ret = msg.dsn_ret if isinstance(msg, RawMessage) else None
+    dsn_envid = msg.dsn_envid if isinstance(msg, RawMessage) else None
     message_id = new_id("msg")
 
     def rows(suppressed: dict[str, str]) -> dict[str, Any]:
@@ -191,12 +244,16 @@ async def _submit(db: Database, principal: Principal, msg: OutboundMessage, opts
                 "address": addr.addr_spec, "domain": addr.ascii_domain,
                 "status": "SUPPRESSED" if reason is not None else "QUEUED",
                 "attempts": 0, "last_response": None, "next_attempt_at": None, "updated_at": now,
+                # RFC 3461 §4.1-4.2, kept for delivery status notifications
+                "dsn_notify": getattr(rcpt_params.get(addr.addr_spec), "notify", None),
+                "dsn_orcpt": getattr(rcpt_params.get(addr.addr_spec), "orcpt", None),
             })
         jobs = [{
             "id": job_id, "org": principal.org, "message": message_id,
             "sending_domain": sender.ascii_domain, "rcpt_domain": rcpt_domain, "status": "queued",
             "due": now, "attempts": 0, "owner": None, "lease_until": None, "created_at": now,
             "expires_at": now + timedelta(seconds=settings.SMTP_OUTBOUND_TTL_SECS),
+            "require_tls": opts.require_tls, "dsn_ret": dsn_ret, "dsn_envid": dsn_envid,
         } for rcpt_domain, job_id in job_ids.items()]
         events.append({"id": new_id("evt"), "org": principal.org, "message": message_id,
                        "type": "QUEUED", "at": now, "recipient": None,
@@ -204,14 +261,13 @@ async def _submit(db: Database, principal: Principal, msg: OutboundMessage, opts
         statuses = [r["status"] for r in rcpt_rows]
         message = {
             "id": message_id, "org": principal.org, "domain": sender.ascii_domain,
-            "message_id": message_id_header, "from": validated.from_header,
-            "envelope_from": sender.addr_spec, "to": [a.addr_spec for a in validated.to],
-            "cc": [a.addr_spec for a in validated.cc], "subject": msg.subject,
+            "message_id": message_id_header, "from": from_header,
+            "envelope_from": envelope_from.addr_spec, "to": to, "cc": cc, "subject": subject,
             "status": "SUPPRESSED" if "QUEUED" not in statuses else "QUEUED",
             "created_at": now, "updated_at": now, "tags": opts.tags,
             "metadata": opts.metadata, "source": opts.source, "size": len(raw),
-            "smtputf8": sender.smtputf8 or any(a.smtputf8 for a in recipients),
-            "idempotency_key": opts.idempotency_key,
+            "smtputf8": smtputf8, "idempotency_key": opts.idempotency_key,
+            "require_tls": opts.require_tls, "dsn_ret": dsn_ret, "dsn_envid": dsn_envid,
         }
         sent_count = statuses.count("QUEUED")
         hash_ = _payload_hash(msg, opts) if opts.idempotency_key else None

@@ -175,6 +175,9 @@ class Mutation:
         attachments: list[AttachmentInput] | None = None,
         tags: list[str] | None = None, metadata: JSON | None = None,
         idempotency_key: str | None = None,
+        require_tls: Annotated[bool | None, strawberry.argument(
+            description="RFC 8689 REQUIRETLS: deliver only over verified TLS, "
+                        "never downgrade.")] = None,
     ) -> SendEmailPayload:
         async def run() -> SendEmailPayload:
             p = await info.context.principal("send")
@@ -188,7 +191,8 @@ class Mutation:
                 html_body=html_body, headers=header_map,
                 attachments=_attachments(attachments))
             opts = SubmitOptions(idempotency_key=idempotency_key, tags=list(tags or []),
-                                 metadata=_metadata(metadata), source="graphql")
+                                 metadata=_metadata(metadata), source="graphql",
+                                 require_tls=bool(require_tls))
             row = await submit(services.db, p, msg, opts, settings=services.settings,
                                now=services.clock(), cache=services.tenant_cache)
             services.wakeup.set()
@@ -330,10 +334,11 @@ def build_schema() -> strawberry.Schema:
     from strawberry.tools import merge_types
 
     from inbox.graphql.mail import MailMutation, MailQuery, MailSubscription
+    from inbox.graphql.smtp_credentials import SmtpCredentialMutation, SmtpCredentialQuery
 
     return InboxSchema(
-        query=merge_types("Query", (Query, MailQuery)),
-        mutation=merge_types("Mutation", (Mutation, MailMutation)),
+        query=merge_types("Query", (Query, MailQuery, SmtpCredentialQuery)),
+        mutation=merge_types("Mutation", (Mutation, MailMutation, SmtpCredentialMutation)),
         subscription=merge_types("Subscription", (MailSubscription,)),
         extensions=[lambda: parser_cache, lambda: validation_cache,
                     lambda: MaskErrors(should_mask_error=_should_mask), ErrorCodes],

@@ -91,16 +91,19 @@ async def read_message(reader: asyncio.StreamReader, max_bytes: int,
 
 def received_header(*, helo: str, peer_ip: str, hostname: str, esmtp: bool, tls: bool,
                     smtputf8: bool, trace_id: str, recipients: Sequence[str],
-                    when: datetime.datetime) -> bytes:
+                    when: datetime.datetime, authenticated: bool = False) -> bytes:
     """The Received trace field we prepend (RFC 5321 §4.4), folded, ending in CRLF. The
-    protocol name follows RFC 3848 (SMTP/ESMTP/ESMTPS) and RFC 6531 §3.7.3 (UTF8SMTP[S]);
-    "for" names the recipient only when there is exactly one (others stay private)."""
+    protocol name follows RFC 3848 (SMTP/ESMTP/ESMTPS, ESMTPA/ESMTPSA after AUTH) and
+    RFC 6531 §3.7.3 (UTF8SMTP[S][A]); "for" names the recipient only when there is exactly
+    one (others stay private)."""
     if smtputf8:
         protocol = "UTF8SMTPS" if tls else "UTF8SMTP"
     elif tls:
         protocol = "ESMTPS"
     else:
         protocol = "ESMTP" if esmtp else "SMTP"
+    if authenticated:
+        protocol = protocol + "A" if protocol != "SMTP" else "ESMTPA"
     literal = f"IPv6:{peer_ip}" if ":" in peer_ip else peer_ip  # RFC 5321 §4.1.3
     helo_word = _TRACE_UNSAFE.sub("_", helo)[:255] or "unknown"
     text = f"Received: from {helo_word} ([{literal}])\r\n\tby {hostname} with {protocol}" \

@@ -264,11 +264,11 @@ class TransferProtocol(SMTP):
         if params and not self.session.extended_smtp:
             await self.push("555 5.5.4 MAIL parameters need EHLO")
             return
-        problem = mail_parameter_problem(params, address, self.server.max_message_bytes)
+        problem = self._mail_parameter_problem(params, address)
         if problem:
             await self.push(problem)
             return
-        _, refusal = await self._policy(self.server.policy.on_mail, self.peer_ip, address)
+        refusal = await self._accept_mail(address, params)
         if refusal:
             await self.push(refusal)
             return
@@ -294,9 +294,9 @@ class TransferProtocol(SMTP):
         except ValidationError as err:
             await self.push(f"501 5.5.4 {err.message}")
             return
-        if params:
-            await self.push(f"555 5.5.4 Unsupported RCPT parameter "
-                            f"{clean_text(next(iter(params)), 40)}")
+        problem = self._rcpt_parameter_problem(params)
+        if problem:
+            await self.push(problem)
             return
         if not tx.smtp_utf8 and not address.isascii():
             await self.push("553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter "
@@ -306,14 +306,34 @@ class TransferProtocol(SMTP):
             # RFC 5321 §4.5.3.1.8 (recipients buffer) and §4.5.3.1.10 (452, not 552)
             await self.push("452 4.5.3 Too many recipients")
             return
-        result, refusal = await self._policy(self.server.policy.on_recipient, self.peer_ip,
-                                             address)
+        result, refusal = await self._accept_recipient(address, params)
         if refusal:
             await self.push(refusal)
             return
         tx.rcpt_tos.append(address)
         tx.recipients.append(result)
         await self.push("250 2.1.5 OK")
+
+    # Hooks a session on another port (submission) overrides.
+
+    def _mail_parameter_problem(self, params: dict[str, str | None], address: str
+                                ) -> str | None:
+        return mail_parameter_problem(params, address, self.server.max_message_bytes)
+
+    async def _accept_mail(self, address: str, params: dict[str, str | None]) -> str | None:
+        """None to accept the sender, or the refusal reply."""
+        _, refusal = await self._policy(self.server.policy.on_mail, self.peer_ip, address)
+        return refusal
+
+    def _rcpt_parameter_problem(self, params: dict[str, str | None]) -> str | None:
+        if params:
+            return f"555 5.5.4 Unsupported RCPT parameter {clean_text(next(iter(params)), 40)}"
+        return None
+
+    async def _accept_recipient(self, address: str, params: dict[str, str | None]
+                                ) -> tuple[Any, str | None]:
+        """(what to keep for this recipient, None) or (None, the refusal reply)."""
+        return await self._policy(self.server.policy.on_recipient, self.peer_ip, address)
 
     async def smtp_DATA(self, arg: str | None) -> None:
         if await self._need_hello():

@@ -35,6 +35,8 @@ def inbox_env(data_dir: Path, **settings: object) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in names}
     env["INBOX_DATA_DIR"] = str(data_dir)
     env["SMTP_TRANSFER_PORT"] = "0"  # never port 25 in tests; a test that needs it picks one
+    env["SMTP_SUBMISSION_PORT"] = "0"  # nor 587/465: a free port, and no implicit TLS
+    env["SMTP_SUBMISSIONS_PORT"] = "0"
     env.update({k: str(v) for k, v in settings.items()})
     return env
 
