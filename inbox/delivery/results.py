@@ -73,13 +73,15 @@ class TlsReport:
 @dataclass(frozen=True)
 class AttemptResult:
     """One attempt. `host` is the host that ran the transaction, None when none could be used;
-    then `connection_error` says what went wrong with each host tried."""
+    then `connection_error` says what went wrong with each host tried, `mx` names the MX host
+    tried last and `tls` says which policy it was under and why it failed."""
 
     recipients: list[RecipientResult]
     host: str | None
     tls: TlsOutcome
     connection_error: str | None
     tls_reports: tuple[TlsReport, ...] = ()
+    mx: str | None = None
 
 
 

@@ -176,7 +176,7 @@ class SmtpTransport:
             return AttemptResult(results, endpoint.host, conn.tls, None, tuple(reports))
         result = _unreachable(rcpts, failures)
         return AttemptResult(result.recipients, None, result.tls, result.connection_error,
-                             tuple(reports))
+                             tuple(reports), result.mx)
 
     async def close_idle(self) -> None:
         """Close every idle pooled session (with QUIT). The transport stays usable."""
@@ -383,6 +383,10 @@ def _unreachable(rcpts: list[str], failures: list[tuple[Endpoint, HostFailed]]
                              text)
     summary = "; ".join(f"{ep.host}:{ep.port}: {exc.text}" for ep, exc in failures)
     last_endpoint, last = failures[-1]
+    # The attempt's TLS outcome (stored on its events) names the policy the last host was
+    # under and why it could not be used, not "opportunistic" with no reason.
+    tls = TlsOutcome(used=False, policy=(last_endpoint.policy or OPPORTUNISTIC).policy,
+                     reason=last.text)
     if all(exc.permanent for _, exc in failures):
         # Every host refused us in its greeting (RFC 5321 §3.1: 554): nowhere left to try.
         # X.3.2: system not accepting network messages (RFC 3463).
@@ -391,7 +395,7 @@ def _unreachable(rcpts: list[str], failures: list[tuple[Endpoint, HostFailed]]
     else:
         text = f"{last_endpoint.host}:{last_endpoint.port}: {last.text}"
         results = [synthetic(a, 451, "4.4.1", text) for a in rcpts]
-    return AttemptResult(results, None, NO_TLS, summary)
+    return AttemptResult(results, None, tls, summary, mx=last_endpoint.tls_name)
 
 
 def _report(endpoint: Endpoint, success: bool, result_type: str | None = None,

@@ -207,8 +207,11 @@ class DeliveryWorker:
             addresses = [r["address"] for r in rcpts]
             result = await self._attempt(job, message, raw, addresses)
             outcome = self._decide(job, rcpts, result)
-            if result.host is not None or result.tls_reports:
-                mx = result.tls_reports[-1].mx_host if result.tls_reports else result.host
+            if result.host is not None or result.tls_reports or result.mx is not None:
+                # A failed attempt names the host it ended with (and its policy and reason),
+                # including failures TLS-RPT does not count (e.g. REQUIRETLS, RFC 8689).
+                mx = result.mx or (result.tls_reports[-1].mx_host if result.tls_reports
+                                   else result.host)
                 outcome.tls = {**result.tls.as_dict(), "mx": mx}
             await self._report_tls(job["rcpt_domain"], result)
             span.set_attribute("inbox.statuses", ",".join(r.status for r in outcome.recipients))
