@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -242,6 +243,21 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command and leave the process with its exit status.
+
+    The embedded database engine keeps Rust (tokio) threads that may still call into the
+    interpreter while it finalizes; now and then that aborted a finished command with a Rust
+    panic ("panic in a function that cannot unwind") and a non-zero status. Everything is
+    committed and closed by the time a command returns, so we flush and leave without
+    finalizing (`os._exit`)."""
+    code = _run(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+def _run(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     try:
         settings = load_settings()
