@@ -165,7 +165,7 @@ def _normalize(domain: str) -> str | None:
 class MtaStsResolver:
     """Policies for recipient domains (see the module docstring). `clock()` returns an aware
     datetime; `db` is the `Database` gateway; `resolver` any `DnsLookup`. `https_port`,
-    `ca_file` (None: the system's trust store) and `timeout` (seconds, for the whole fetch)
+    `ca_file` (trusted besides the system's store) and `timeout` (seconds, for the whole fetch)
     are for the policy fetch; `max_body` bounds the policy size (RFC 8461 §3.3: 64 KiB)."""
 
     def __init__(self, db: Any, resolver: DnsLookup, *, clock: Callable[[], datetime],
@@ -179,7 +179,9 @@ class MtaStsResolver:
         self._max_body = max_body
         # RFC 8461 §3.3: the certificate must chain to a trusted root and be valid for
         # mta-sts.<domain> (RFC 6125); the default context checks both.
-        self._ssl = ssl.create_default_context(cafile=ca_file)
+        self._ssl = ssl.create_default_context()  # the system store, plus ca_file if given
+        if ca_file:
+            self._ssl.load_verify_locations(cafile=ca_file)
         self._inflight: dict[str, asyncio.Task[StsPolicy | None]] = {}
 
     async def policy(self, domain: str) -> StsPolicy | None:
