@@ -292,7 +292,8 @@ async def _submit(db: Database, principal: Principal, msg: OutboundMessage | Raw
     params["supp_ids"] = suppression_ids(principal.org, recipients)
     try:
         try:
-            await db.run(_STORE, params)
+            # Concurrent sends share one engine call, each its own transaction.
+            await db.run_grouped(_STORE, params)
         except DbThrow as exc:
             if exc.throw_code != "SUPPRESSED":
                 raise

@@ -11,10 +11,12 @@ import asyncio
 import fcntl
 import logging
 import os
+import re
 import secrets
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +107,7 @@ class Database:
         self._conn: Any = None
         self._lock = asyncio.Lock()
         self._dir_lock: DataDirLock | None = None
+        self._groups: dict[str, _Group] = {}
         self.embedded = not url.startswith(("ws://", "wss://", "http://", "https://"))
 
     async def connect(self) -> None:
@@ -153,6 +156,10 @@ class Database:
         Raises DbThrow for our own THROWs, Conflict for unique-index violations and
         StorageUnavailable for anything else the engine reports.
         """
+        return _checked((await self._query(sql, params)).get("result") or [])
+
+    async def _query(self, sql: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
+        """One engine call; the raw response with every statement's status."""
         if self._conn is None:
             raise StorageUnavailable("database is not connected")
         try:
@@ -166,21 +173,52 @@ class Database:
             raise StorageUnavailable(f"database error: {exc}") from None
         if "error" in raw:
             raise StorageUnavailable(f"database error: {raw['error']}")
-        results = raw.get("result") or []
-        errors = [r for r in results if r.get("status") != "OK"]
-        if errors:
-            texts = [str(r.get("result")) for r in errors]
-            for text in texts:
-                if text.startswith("An error occurred: "):
-                    body = text.removeprefix("An error occurred: ")
-                    code, _, detail = body.partition("|")
-                    raise DbThrow(code, detail)
-            for text in texts:
-                if "already contains" in text or "already exists" in text:
-                    raise Conflict(text)
-            log.error("statement failed: %s", texts)
-            raise StorageUnavailable(f"database error: {texts[0]}")
-        return [plain(r.get("result")) for r in results]
+        return dict(raw)
+
+    async def run_grouped(self, sql: str, params: Mapping[str, Any]) -> list[Any]:
+        """`run` for one self-contained transaction (BEGIN … COMMIT), grouped with concurrent
+        calls of the same `sql` into one engine call: each stays its own transaction (a THROW
+        rolls back only its own), with its own results and errors, as `run` gives them.
+
+        Callers arriving while a group is in flight form the next group (up to GROUP_MAX).
+        Parameters are renamed per member (`$x` becomes `$x__3`), so `sql` must not rely on
+        SurrealQL's built-in variables other than those in `_BUILTIN_VARS`.
+        """
+        group = self._groups.get(sql)
+        if group is None:
+            group = self._groups[sql] = _Group()
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        group.pending.append((dict(params), future))
+        if group.flusher is None or group.flusher.done():
+            group.flusher = asyncio.ensure_future(self._flush_group(sql, group))
+        return await future
+
+    async def _flush_group(self, sql: str, group: _Group) -> None:
+        while group.pending:
+            batch, group.pending = group.pending[:GROUP_MAX], group.pending[GROUP_MAX:]
+            if len(batch) == 1:
+                await _settle(batch[0][1], self.run(sql, batch[0][0]))
+                continue
+            texts, merged = [], {}
+            for index, (params, _) in enumerate(batch):
+                texts.append(_VAR.sub(lambda m, i=index: _rename(m, i), sql))
+                merged.update({f"{k}__{index}": v for k, v in params.items()})
+            try:
+                results = (await self._query("\n".join(texts), merged)).get("result") or []
+            except InboxError as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            if len(results) % len(batch):  # not one block per member: run them one by one
+                log.error("grouped statement gave %d results for %d members",
+                          len(results), len(batch))
+                for params, future in batch:
+                    await _settle(future, self.run(sql, params))
+                continue
+            size = len(results) // len(batch)
+            for index, (_, future) in enumerate(batch):
+                await _settle(future, _async(_checked, results[index * size:(index + 1) * size]))
 
     async def _embedded_query(self, sql: str, params: dict[str, Any]) -> Any:
         """query_raw for the embedded engine with only the engine call under the lock.
@@ -200,3 +238,55 @@ class Database:
         """Run statements and return the last statement's result."""
         results = await self.run(sql, params)
         return results[-1] if results else None
+
+
+GROUP_MAX = 64
+_BUILTIN_VARS = {"value", "this", "parent", "before", "after", "event", "auth", "session",
+                 "token", "input"}
+_VAR = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _rename(match: re.Match[str], index: int) -> str:
+    name = match.group(1)
+    return match.group(0) if name in _BUILTIN_VARS else f"${name}__{index}"
+
+
+@dataclass
+class _Group:
+    pending: list[tuple[dict[str, Any], asyncio.Future[list[Any]]]] = field(
+        default_factory=list)
+    flusher: asyncio.Future[None] | None = None
+
+
+async def _async(fn: Any, *args: Any) -> Any:
+    return fn(*args)
+
+
+async def _settle(future: asyncio.Future[list[Any]], call: Any) -> None:
+    try:
+        value = await call
+    except InboxError as exc:
+        if not future.done():
+            future.set_exception(exc)
+    else:
+        if not future.done():
+            future.set_result(value)
+
+
+def _checked(results: list[Any]) -> list[Any]:
+    """Each statement's result as plain values; raises DbThrow for our own THROWs, Conflict
+    for unique-index violations and StorageUnavailable for anything else."""
+    errors = [r for r in results if r.get("status") != "OK"]
+    if errors:
+        texts = [str(r.get("result")) for r in errors]
+        for text in texts:
+            if text.startswith("An error occurred: "):
+                body = text.removeprefix("An error occurred: ")
+                code, _, detail = body.partition("|")
+                raise DbThrow(code, detail)
+        for text in texts:
+            if "already contains" in text or "already exists" in text:
+                raise Conflict(text)
+        log.error("statement failed: %s", texts)
+        raise StorageUnavailable(f"database error: {texts[0]}")
+    return [plain(r.get("result")) for r in results]

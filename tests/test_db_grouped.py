@@ -1,0 +1,51 @@
+"""Database.run_grouped: concurrent transactions share one engine call yet stay independent."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from inbox.errors import Conflict
+from inbox.storage import Database, DbThrow
+
+SQL = """BEGIN TRANSACTION;
+IF $n % 3 == 0 { THROW 'MULTIPLE_OF_THREE|' + <string>$n };
+CREATE type::thing('item', $n) SET v = $n RETURN NONE;
+UPSERT counter:total SET n += 1 RETURN NONE;
+LET $seen = (SELECT VALUE n FROM ONLY counter:total);
+COMMIT TRANSACTION;"""
+
+
+@pytest.fixture
+async def db() -> AsyncIterator[Database]:
+    database = Database("mem://", namespace="t", database="t")
+    await database.connect()
+    yield database
+    await database.close()
+
+
+async def test_each_member_is_its_own_transaction(db: Database) -> None:
+    results = await asyncio.gather(*(db.run_grouped(SQL, {"n": n}) for n in range(40)),
+                                   return_exceptions=True)
+    for n, result in enumerate(results):
+        if n % 3 == 0:
+            assert isinstance(result, DbThrow) and result.throw_code == "MULTIPLE_OF_THREE"
+            assert result.detail == str(n)
+        else:
+            assert isinstance(result, list), result
+    items = await db.one("SELECT VALUE v FROM item ORDER BY v")
+    assert items == [n for n in range(40) if n % 3]  # thrown ones rolled back, only theirs
+    assert (await db.one("SELECT VALUE n FROM ONLY counter:total")) == len(items)
+
+
+async def test_conflicts_and_sequential_calls(db: Database) -> None:
+    await db.run("DEFINE INDEX uniq ON item FIELDS v UNIQUE")
+    sql = "BEGIN TRANSACTION; CREATE item SET v = $v RETURN NONE; COMMIT TRANSACTION;"
+    results = await asyncio.gather(*(db.run_grouped(sql, {"v": v}) for v in (1, 2, 1, 3)),
+                                   return_exceptions=True)
+    assert [type(r).__name__ for r in results] == ["list", "list", "Conflict", "list"]
+    assert isinstance(results[2], Conflict)
+    # One caller alone goes through the same path.
+    assert await db.run_grouped(sql, {"v": 9}) == [[]]
