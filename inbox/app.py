@@ -132,7 +132,8 @@ def _with_inbound(services: Services, *, blobs: Any) -> Services:
 
     mtasts = services.mtasts or MtaStsResolver(services.db, services.resolver,
                                                clock=services.clock,
-                                               ca_file=s.SMTP_OUTBOUND_CA_FILE or None)
+                                               ca_file=s.SMTP_OUTBOUND_CA_FILE or None,
+                                               memo_secs=s.INBOX_CACHE_SECS)
     planner = services.tls_planner or TlsPolicyPlanner(services.resolver, s, mtasts)
     return replace(services, blobs=blobs, org_keys=org_keys, mailstore=mailstore,
                    limiter=services.limiter or RateLimiter(services.db),

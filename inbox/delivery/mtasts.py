@@ -25,6 +25,7 @@ import contextlib
 import logging
 import re
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -170,8 +171,10 @@ class MtaStsResolver:
 
     def __init__(self, db: Any, resolver: DnsLookup, *, clock: Callable[[], datetime],
                  https_port: int = 443, ca_file: str | None = None, timeout: float = 10,
-                 max_body: int = 64 * 1024) -> None:
+                 max_body: int = 64 * 1024, memo_secs: float = 0.0) -> None:
         self._db = db
+        self._memo_secs = memo_secs  # reuse an answer this long (INBOX_CACHE_SECS); 0 = never
+        self._memo: dict[str, tuple[float, StsPolicy | None]] = {}
         self._resolver = resolver
         self._clock = clock
         self._port = https_port
@@ -190,6 +193,9 @@ class MtaStsResolver:
         name = _normalize(domain)
         if name is None:
             return None
+        memo = self._memo.get(name)
+        if memo is not None and memo[0] > time.monotonic():
+            return memo[1]
         task = self._inflight.get(name)
         if task is None or task.get_loop() is not asyncio.get_running_loop():
             task = asyncio.ensure_future(self._policy(name))
@@ -201,8 +207,11 @@ class MtaStsResolver:
     def _landed(self, name: str, task: asyncio.Task[Any]) -> None:
         if self._inflight.get(name) is task:
             del self._inflight[name]
-        if not task.cancelled():
-            task.exception()  # retrieved even if every waiter was cancelled meanwhile
+        if not task.cancelled() and task.exception() is None and self._memo_secs > 0:
+            # Every delivery asks; the answer (TXT id and the DB cache) is reused briefly.
+            if len(self._memo) > 10000:
+                self._memo.clear()
+            self._memo[name] = (time.monotonic() + self._memo_secs, task.result())
 
     async def _policy(self, domain: str) -> StsPolicy | None:
         now = self._clock()
