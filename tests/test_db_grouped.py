@@ -49,3 +49,15 @@ async def test_conflicts_and_sequential_calls(db: Database) -> None:
     assert isinstance(results[2], Conflict)
     # One caller alone goes through the same path.
     assert await db.run_grouped(sql, {"v": 9}) == [[]]
+
+
+async def test_a_group_without_failures_commits_together(db: Database) -> None:
+    sql = ("BEGIN TRANSACTION; UPSERT counter:total SET n += 1 RETURN NONE;"
+           " LET $now = (SELECT VALUE n FROM ONLY counter:total);"
+           " CREATE type::thing('item', $n) SET v = $n, seen = $now RETURN NONE;"
+           " COMMIT TRANSACTION;")
+    await asyncio.gather(*(db.run_grouped(sql, {"n": n}) for n in range(1, 31)))
+    rows = await db.one("SELECT v, seen FROM item ORDER BY v")
+    assert [r["v"] for r in rows] == list(range(1, 31))
+    # Members ran in order, each seeing the counter after its own increment.
+    assert sorted(r["seen"] for r in rows) == list(range(1, 31))

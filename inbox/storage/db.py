@@ -177,8 +177,10 @@ class Database:
 
     async def run_grouped(self, sql: str, params: Mapping[str, Any]) -> list[Any]:
         """`run` for one self-contained transaction (BEGIN … COMMIT), grouped with concurrent
-        calls of the same `sql` into one engine call: each stays its own transaction (a THROW
-        rolls back only its own), with its own results and errors, as `run` gives them.
+        calls of the same `sql` into one engine call, with each caller's own results and
+        errors, as `run` gives them. The group first runs as one transaction (one commit);
+        if anything in it fails, it is rolled back and each member runs as its own
+        transaction, so a THROW or a conflict fails only its own caller.
 
         Callers arriving while a group is in flight form the next group (up to GROUP_MAX).
         Parameters are renamed per member (`$x` becomes `$x__3`), so `sql` must not rely on
@@ -203,6 +205,23 @@ class Database:
             for index, (params, _) in enumerate(batch):
                 texts.append(_VAR.sub(lambda m, i=index: _rename(m, i), sql))
                 merged.update({f"{k}__{index}": v for k, v in params.items()})
+            inner = [_TXN.match(text) for text in texts]
+            if all(inner):
+                # Optimistic: all members in ONE transaction (one commit, one fsync). Any
+                # failure rolls it all back, and then each runs as its own transaction below.
+                one = ("BEGIN TRANSACTION;\n" + "\n".join(m.group(1) for m in inner if m)
+                       + "\nCOMMIT TRANSACTION;")
+                try:
+                    results = (await self._query(one, merged)).get("result") or []
+                except InboxError:
+                    results = []
+                if results and len(results) % len(batch) == 0 and all(
+                        r.get("status") == "OK" for r in results):
+                    size = len(results) // len(batch)
+                    for index, (_, future) in enumerate(batch):
+                        block = results[index * size:(index + 1) * size]
+                        await _settle(future, _async(_checked, block))
+                    continue
             try:
                 results = (await self._query("\n".join(texts), merged)).get("result") or []
             except InboxError as exc:
@@ -244,6 +263,7 @@ GROUP_MAX = 64
 _BUILTIN_VARS = {"value", "this", "parent", "before", "after", "event", "auth", "session",
                  "token", "input"}
 _VAR = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+_TXN = re.compile(r"^\s*BEGIN TRANSACTION;(.*)COMMIT TRANSACTION;\s*$", re.S | re.I)
 
 
 def _rename(match: re.Match[str], index: int) -> str:
