@@ -5,6 +5,7 @@ value gets. Does no I/O.
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 import unicodedata
@@ -161,14 +162,30 @@ def _domain(raw: str, path: list[str]) -> tuple[str, str]:
     if bad := next((c for c in raw if c in " \t,;<>()[]\\\"@:"), None):
         raise _unexpected(bad, path)
     try:
-        ascii_name = idna.encode(raw, uts46=True, std3_rules=True).decode("ascii")
-        labels = ascii_name.split(".")
-        if any(not label or len(label) > 63 for label in labels) or len(ascii_name) > 253:
-            raise idna.IDNAError("empty label or name too long")
-        unicode_name = idna.decode(ascii_name)
+        return _idna_pair(raw)
     except (idna.IDNAError, UnicodeError, ValueError) as exc:
         raise InvalidAddress(f"{raw!r} is not a valid domain name ({exc})", field=path) from None
-    return unicode_name, ascii_name
+
+
+# RFC 5890 §2.3.1 LDH labels; "--" in positions 3-4 is reserved (RFC 5891 §4.2.3.1), so such
+# labels (A-labels among them) take the full IDNA path.
+_LDH_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+@functools.lru_cache(maxsize=4096)
+def _idna_pair(raw: str) -> tuple[str, str]:
+    """(U-label form, A-label form); IDNA is costly and the same domains recur, so plain
+    LDH names skip it and results are cached."""
+    lowered = raw.lower()
+    labels = lowered.split(".")
+    if raw.isascii() and len(lowered) <= 253 and all(
+            _LDH_LABEL.match(label) and label[2:4] != "--" for label in labels):
+        return lowered, lowered
+    ascii_name = idna.encode(raw, uts46=True, std3_rules=True).decode("ascii")
+    labels = ascii_name.split(".")
+    if any(not label or len(label) > 63 for label in labels) or len(ascii_name) > 253:
+        raise idna.IDNAError("empty label or name too long")
+    return idna.decode(ascii_name), ascii_name
 
 
 def parse_address(text: str, field: str | Sequence[str]) -> Address:
