@@ -308,6 +308,25 @@ async def test_dane_failure_defers_without_plaintext(env: Env, tmp_path: Path,
     assert tls_sink.messages == []
 
 
+async def test_tls_required_no_header_ignores_the_recipients_policy(
+        env: Env, tmp_path: Path, tls_sink: SmtpSink) -> None:
+    """RFC 8689 §5: a message carrying "TLS-Required: No" (as TLS-RPT reports do, RFC 8460
+    §5.3) is delivered even where DANE would defer it; the same message without it is not."""
+    async with tls_stack(env, tmp_path, tls_sink.port) as (stack, tenant):
+        variables: dict[str, Any] = {
+            "from": f"hello@{tenant.domain}", "to": ["bob@mismatch.dane.test"],
+            "subject": "report", "text": "policy test",
+            "headers": [{"name": "TLS-Required", "value": "No"}]}
+        result = await stack.api(SEND, variables, key=tenant.key)
+        payload = result["data"]["sendEmail"]
+        assert payload["errors"] == [], payload
+        stack.services.wakeup.set()
+        msg = await wait_message(stack, tenant, payload["message"]["id"], {"DELIVERED"})
+    tls = attempt_event(msg)["tls"]  # type: ignore[index]
+    assert tls["policy"] == "opportunistic" and tls["verified"] is False
+    assert len(tls_sink.messages) == 1
+
+
 async def test_tlsa_in_unsigned_zone_is_ignored(env: Env, tmp_path: Path,
                                                 tls_sink: SmtpSink) -> None:
     """RFC 7672 §2.2: TLSA records in an insecure zone do not count. This one names a key the

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,6 +89,15 @@ class Completer:
         else:
             if not future.done():
                 future.set_result(outcome.job["id"] not in lost)
+
+
+_TLS_REQUIRED_NO = re.compile(rb"(?im)^TLS-Required:[ \t]*No[ \t]*\r?$")
+
+
+def _tls_optional(raw: bytes) -> bool:
+    """The message's header section says "TLS-Required: No" (RFC 8689 §5)."""
+    end = raw.find(b"\r\n\r\n")
+    return bool(_TLS_REQUIRED_NO.search(raw[:end if end >= 0 else len(raw)]))
 
 
 def worker_name() -> str:
@@ -229,9 +239,13 @@ class DeliveryWorker:
             return _synthetic(addresses, 451, "4.3.0", f"local error: DKIM signing failed: {exc}")
         hosts: list[Target] = []
         if self.transport.relay is None:
+            require_tls = bool(message.get("require_tls"))
             try:
-                hosts = await self._targets(job["rcpt_domain"], job,
-                                            require_tls=bool(message.get("require_tls")))
+                hosts = await self._targets(
+                    job["rcpt_domain"], job, require_tls=require_tls,
+                    # RFC 8689 §5: "TLS-Required: No" asks us to ignore the recipient's
+                    # published TLS policy (used e.g. by TLS-RPT reports, RFC 8460 §5.3).
+                    tls_policy=require_tls or not _tls_optional(raw))
             except NullMx as exc:
                 return _synthetic(addresses, 556, "5.1.10", exc.message)
             except DnsNotFound as exc:
@@ -242,14 +256,14 @@ class DeliveryWorker:
                                             smtputf8=bool(message.get("smtputf8")))
 
     async def _targets(self, domain: str, job: dict[str, Any] | None = None, *,
-                       require_tls: bool = False) -> list[Target]:
+                       require_tls: bool = False, tls_policy: bool = True) -> list[Target]:
         """MX hosts in order, each resolved to its addresses through our resolver, each with
         the TLS policy the transport must apply to it."""
         targets: list[Target] = []
         temporary: DnsTemporary | None = None
         hosts = await mx_hosts(self.resolver, domain)
         policies: dict[str, Any] = {}
-        if self.tls_planner is not None:
+        if self.tls_planner is not None and tls_policy:
             dnssec = await self._dnssec(job) if job is not None else True
             policies = await self.tls_planner.plan(domain, hosts, dnssec=dnssec,
                                                    require_tls=require_tls)
