@@ -372,6 +372,9 @@ async def test_mailto_and_https_reports_are_delivered(tmp_path: Path, dns_server
             f"Report Domain: dest.test Submitter: operator.test Report-ID: <{out.report_id}>")
         assert parsed["TLS-Required"] == "No"
         assert parsed["Auto-Submitted"] == "auto-generated"
+        # RFC 8460 §5.3 / RFC 6522: a multipart/report of report-type "tlsrpt".
+        assert parsed.get_content_type() == "multipart/report"
+        assert parsed.get_param("report-type") == "tlsrpt"
         attachments = [p for p in parsed.iter_attachments()
                        if p.get_content_type() == MEDIA_TYPE]
         assert len(attachments) == 1

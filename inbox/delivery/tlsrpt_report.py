@@ -9,6 +9,7 @@ structure are in `inbox.delivery.tlsrpt`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gzip
 import ipaddress
@@ -34,7 +35,7 @@ from inbox.delivery.tlsrpt import (
     select_record,
 )
 from inbox.errors import Conflict, DnsNotFound, DnsTemporary, InboxError
-from inbox.message import Attachment, OutboundMessage
+from inbox.message import EnvelopeRecipient, RawMessage
 from inbox.submission import SubmitOptions, submit
 from inbox.tenancy import Principal
 
@@ -222,22 +223,9 @@ async def _mail(services: Any, config: TlsReportConfig, uri: str, domain: str, d
         return RuaDelivery(uri, False, "SMTP_TLS_REPORT_FROM / SMTP_TLS_REPORT_ORG not set")
     address = unquote(urlsplit(uri).path)
     submitter = config.submitter_domain
-    msg = OutboundMessage(
-        from_=config.from_address, to=[address],
-        # §5.3: Subject: Report Domain: <domain> Submitter: <submitter> Report-ID: <id>
-        subject=f"Report Domain: {domain} Submitter: {submitter} Report-ID: <{report_id}>",
-        text_body=(f"This is an aggregate TLS report from {submitter} for {domain} "
-                   f"covering {day.isoformat()} (UTC).\r\n"),
-        headers={
-            "TLS-Report-Domain": domain,  # §5.3: both fields MUST be present
-            "TLS-Report-Submitter": submitter,
-            # RFC 8460 §5.3: reports are delivered despite TLS failures; RFC 8689 §5 says so
-            # to our transport.
-            "TLS-Required": "No",
-            "Auto-Submitted": "auto-generated",  # RFC 3834 §5
-        },
-        attachments=[Attachment(attachment_name(submitter, domain, day, report_id), gz,
-                                MEDIA_TYPE)])
+    msg = RawMessage(
+        data=_report_mime(config.from_address, address, domain, submitter, day, report_id, gz),
+        mail_from=config.from_address, rcpt_to=[EnvelopeRecipient(address)])
     principal = Principal(org=config.operator_org, key_id="system:tlsrpt",
                           scopes=frozenset({"send"}))
     opts = SubmitOptions(idempotency_key=f"tlsrpt:{day.isoformat()}:{domain}:{address}"[:200],
@@ -251,6 +239,40 @@ async def _mail(services: Any, config: TlsReportConfig, uri: str, domain: str, d
     if wakeup is not None:
         wakeup.set()
     return RuaDelivery(uri, True, f"queued {row['id']}", row["id"])
+
+
+def _report_mime(from_address: str, to: str, domain: str, submitter: str, day: date,
+                 report_id: str, gz: bytes) -> bytes:
+    """RFC 8460 §5.3: multipart/report (report-type "tlsrpt", RFC 6522) with a human-readable
+    part and the gzip'ed JSON as application/tlsrpt+gzip."""
+    boundary = f"tlsrpt-{secrets.token_hex(12)}"
+    name = attachment_name(submitter, domain, day, report_id)
+    encoded = base64.encodebytes(gz).decode("ascii").replace("\n", "\r\n")
+    lines = [
+        f"From: {from_address}",
+        f"To: {to}",
+        # §5.3: Subject: Report Domain: <domain> Submitter: <submitter> Report-ID: <id>
+        f"Subject: Report Domain: {domain} Submitter: {submitter} Report-ID: <{report_id}>",
+        f"TLS-Report-Domain: {domain}",  # §5.3: both fields MUST be present
+        f"TLS-Report-Submitter: {submitter}",
+        # RFC 8460 §5.3: reports go out despite TLS failures; RFC 8689 §5 tells our transport.
+        "TLS-Required: No",
+        "Auto-Submitted: auto-generated",  # RFC 3834 §5
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type="tlsrpt"; boundary="{boundary}"',
+        "",
+        f"--{boundary}",
+        "Content-Type: text/plain; charset=us-ascii",
+        "",
+        f"This is an aggregate TLS report from {submitter} for {domain} covering "
+        f"{day.isoformat()} (UTC).",
+        f"--{boundary}",
+        f"Content-Type: {MEDIA_TYPE}",
+        "Content-Transfer-Encoding: base64",
+        f'Content-Disposition: attachment; filename="{name}"',
+        "",
+    ]
+    return ("\r\n".join(lines) + "\r\n" + encoded + f"--{boundary}--\r\n").encode("ascii")
 
 
 async def _post(resolver: Any, config: TlsReportConfig, uri: str, gz: bytes) -> RuaDelivery:
