@@ -13,14 +13,14 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from inbox.errors import RateLimited, RelayDenied, StorageUnavailable, TemporaryFailure
+from inbox.errors import RelayDenied, TemporaryFailure
 from inbox.pubsub import PubSub
 from inbox.smtp.authresults import strip_forged_results
 from inbox.smtp.checks import authenticate, decide
 from inbox.smtp.transfer import InboundEnvelope
 from inbox.storage.mailstore import Delivery, InboundMeta, MailStore
 from inbox.storage.mimeparse import check_structure, parse_inbound
-from inbox.storage.ratelimits import RateLimiter
+from inbox.storage.ratelimits import RateLimiter, enforce
 from inbox.tenancy.mailboxes import (
     InboundRecipient,
     hosted_domain,
@@ -69,16 +69,7 @@ class InboundService:
         self._recipients: dict[str, tuple[float, InboundRecipient]] = {}
 
     async def _rate(self, scope: str, key: str, limit: int, what: str) -> None:
-        try:
-            decision = await self.limiter.hit(scope, key, limit)
-        except StorageUnavailable:
-            if self.limits.fail_open:
-                log.warning("rate-limit store unavailable; letting %s from %s in", what, key)
-                return
-            raise RateLimited("rate limiting is unavailable; try again later") from None
-        if not decision.allowed:
-            raise RateLimited(f"too many {what} from {key}; try again in "
-                              f"{int(decision.retry_after_secs) + 1} s")
+        await enforce(self.limiter, scope, key, limit, what, fail_open=self.limits.fail_open)
 
     async def on_connect(self, peer_ip: str) -> None:
         await self._rate("smtp-conn", peer_ip, self.limits.connections_per_minute,

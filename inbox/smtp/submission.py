@@ -33,7 +33,6 @@ from inbox.errors import (
     MessageTooLarge,
     QuotaExceeded,
     RateLimited,
-    StorageUnavailable,
     Unauthenticated,
     ValidationError,
 )
@@ -43,6 +42,7 @@ from inbox.smtp.paths import mail_parameter_problem
 from inbox.smtp.replies import INTERNAL_ERROR, clean_text, error_reply
 from inbox.smtp.transfer import TransferServer
 from inbox.smtp.transfer_session import COMMAND_OCTETS, Transaction, TransferProtocol
+from inbox.storage.ratelimits import enforce
 from inbox.submission import SubmitOptions, sending_limits, submit
 from inbox.tenancy.principal import Principal
 from inbox.tenancy.smtpcreds import SmtpAuthCache
@@ -99,17 +99,8 @@ class SubmissionService:
         self._blocked: dict[str, float] = {}  # source IP -> AUTH refused until
 
     async def _rate(self, scope: str, key: str, limit: int, what: str) -> Any:
-        try:
-            decision = await self.limiter.hit(scope, key, limit)
-        except StorageUnavailable:
-            if self.limits.fail_open:
-                log.warning("rate-limit store unavailable; letting %s from %s in", what, key)
-                return None
-            raise RateLimited("rate limiting is unavailable; try again later") from None
-        if not decision.allowed:
-            raise RateLimited(f"too many {what} from {key}; try again in "
-                              f"{int(decision.retry_after_secs) + 1} s")
-        return decision
+        return await enforce(self.limiter, scope, key, limit, what,
+                             fail_open=self.limits.fail_open)
 
     async def on_connect(self, peer_ip: str) -> None:
         await self._rate("smtp-sub-conn", peer_ip, self.limits.connections_per_minute,

@@ -8,12 +8,16 @@ removes them. Does not decide what happens when the database fails: callers do.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from inbox.errors import RateLimited, StorageUnavailable
 from inbox.storage.db import Database
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,3 +63,20 @@ class RateLimiter:
         cutoff = now or datetime.now(UTC)
         await self._db.run("DELETE rate_counter WHERE expires_at < $cutoff",
                            {"cutoff": cutoff - timedelta(seconds=0)})
+
+
+async def enforce(limiter: RateLimiter, scope: str, key: str, limit: int, what: str, *,
+                  fail_open: bool) -> RateDecision | None:
+    """Count one event and raise RateLimited (4.7.0) when over `limit` per minute. When the
+    store is unreachable: let it through (`fail_open`, returns None) or refuse for now."""
+    try:
+        decision = await limiter.hit(scope, key, limit)
+    except StorageUnavailable:
+        if fail_open:
+            log.warning("rate-limit store unavailable; letting %s from %s in", what, key)
+            return None
+        raise RateLimited("rate limiting is unavailable; try again later") from None
+    if not decision.allowed:
+        raise RateLimited(f"too many {what} from {key}; try again in "
+                          f"{int(decision.retry_after_secs) + 1} s")
+    return decision
