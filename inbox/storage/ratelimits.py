@@ -20,6 +20,13 @@ from inbox.storage.db import Database
 log = logging.getLogger(__name__)
 
 
+_HIT = """BEGIN TRANSACTION;
+UPSERT type::thing('rate_counter', [$scope, $key, $w]) SET n += 1, expires_at = $expires
+  RETURN n;
+SELECT VALUE n FROM type::thing('rate_counter', [$scope, $key, $prev]);
+COMMIT TRANSACTION;"""
+
+
 @dataclass(frozen=True)
 class RateDecision:
     allowed: bool
@@ -46,12 +53,9 @@ class RateLimiter:
         window = int(now // window_secs)
         elapsed = (now - window * window_secs) / window_secs
         expires = datetime.fromtimestamp((window + 2) * window_secs, UTC)
-        results = await self._db.run(
-            "UPSERT type::thing('rate_counter', [$scope, $key, $w]) SET n += 1,"
-            " expires_at = $expires RETURN n;"
-            "SELECT VALUE n FROM type::thing('rate_counter', [$scope, $key, $prev]);",
-            {"scope": scope, "key": key, "w": window, "prev": window - 1, "expires": expires},
-        )
+        # Grouped: concurrent hits (every connection and message) share one commit.
+        results = await self._db.run_grouped(_HIT, {
+            "scope": scope, "key": key, "w": window, "prev": window - 1, "expires": expires})
         current = results[0][0]["n"] if results[0] else 1
         previous = results[1][0] if results[1] else 0
         estimate = current + previous * (1.0 - elapsed)
