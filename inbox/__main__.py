@@ -158,7 +158,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
-    from inbox.app import build_services
+    from inbox.app import build_services, running_workers
 
     async def run() -> None:
         services = await build_services(settings)
@@ -167,9 +167,10 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         try:
-            await asyncio.gather(*(services.worker().run(stop) for _ in range(args.count)))
+            # The same workers as `serve` runs (delivery and the daily TLS-RPT job).
+            async with running_workers(services, count=args.count):
+                await stop.wait()
         finally:
-            await services.transport.aclose()
             await services.db.close()
 
     asyncio.run(run())
