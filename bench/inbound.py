@@ -28,8 +28,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,43 +42,21 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from inbox.config import setting_names  # noqa: E402
+from bench.common import (  # noqa: E402
+    cli,
+    free_port,
+    inbox_env,
+    log,
+    peak_rss_mb,
+    stop,
+    wait_port,
+)
+from bench.common import smtp_reply as _reply  # noqa: E402
 from tests.support.dnsserver import DnsServer  # noqa: E402
 
 MASTER_KEY = base64.b64encode(b"i" * 32).decode()
 SENDER = "sender.test"
 RCPT = "info@rcpt.test"
-_start = time.monotonic()
-
-
-def log(text: str) -> None:
-    print(f"[{time.monotonic() - _start:7.1f}s] {text}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[Any] | None, what: str,
-              timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} did not listen on {port} within {timeout:.0f}s")
-
-
-def peak_rss_mb(pid: int) -> float:
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
 
 
 def make_message(size: int, pem: bytes) -> bytes:
@@ -110,15 +86,6 @@ class Counter:
         self.errors += 1
         if len(self.samples) < 5:
             self.samples.append(text[:200])
-
-
-async def _reply(reader: asyncio.StreamReader) -> tuple[int, str]:
-    lines = []
-    while True:
-        line = (await reader.readuntil(b"\r\n")).decode("latin-1")
-        lines.append(line.rstrip())
-        if len(line) < 4 or line[3] != "-":
-            return int(line[:3]), "\n".join(lines)
 
 
 async def session(port: int, data: bytes, count: int, counter: Counter) -> None:
@@ -165,8 +132,7 @@ async def run_load(port: int, data: bytes, total: int, sessions: int) -> tuple[f
 
 
 def service_env(data_dir: Path, dns: DnsServer, smtp_port: int) -> dict[str, str]:
-    names = set(setting_names())
-    env = {k: v for k, v in os.environ.items() if k not in names}
+    env = inbox_env()
     env.update({
         "INBOX_DATA_DIR": str(data_dir), "INBOX_MASTER_KEY": MASTER_KEY,
         "INBOX_DB_SYNC": os.environ.get("BENCH_DB_SYNC", "true"),
@@ -178,25 +144,6 @@ def service_env(data_dir: Path, dns: DnsServer, smtp_port: int) -> dict[str, str
         "SMTP_RATE_LIMIT_MESSAGES_PER_MINUTE": "0",
     })
     return env
-
-
-def cli(env: dict[str, str], *args: str) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-m", "inbox", *args, "--json"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed: {done.stderr.strip()}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def stop(proc: subprocess.Popen[Any] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 def main() -> None:

@@ -34,7 +34,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,16 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from inbox.config import setting_names  # noqa: E402
+from bench.common import (  # noqa: E402
+    cli,
+    cpu_seconds,
+    free_port,
+    inbox_env,
+    log,
+    peak_rss_mb,
+    stop,
+    wait_port,
+)
 from tests.support.dnsserver import DnsServer  # noqa: E402
 
 POSTFIX_SINK = "/usr/sbin/smtp-sink"
@@ -81,28 +89,6 @@ query P($after: String) {
 }
 """
 
-_start = time.monotonic()
-
-
-def log(text: str) -> None:
-    print(f"[{time.monotonic() - _start:7.1f}s] {text}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen[Any], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} did not listen on {port} within {timeout:.0f}s")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -123,8 +109,7 @@ def body_text(size: int = 1024) -> str:
 
 def service_env(data_dir: Path, **values: str) -> dict[str, str]:
     """The parent environment without any inbox setting, plus ours."""
-    names = set(setting_names())
-    env = {k: v for k, v in os.environ.items() if k not in names}
+    env = inbox_env()
     env.update({
         "INBOX_DATA_DIR": str(data_dir),
         "INBOX_MASTER_KEY": MASTER_KEY,
@@ -137,16 +122,6 @@ def service_env(data_dir: Path, **values: str) -> dict[str, str]:
     })
     env.update(values)
     return env
-
-
-def cli(env: dict[str, str], *args: str) -> dict[str, Any]:
-    # `--json` after the subcommand: older CLIs let the subparsers' own `--json` default
-    # override a top-level `inbox --json org create …`, which then printed human text.
-    cmd = [sys.executable, "-m", "inbox", *args, "--json"]
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def start_sink(kind: str, port: int, log_path: Path) -> subprocess.Popen[Any]:
@@ -165,50 +140,6 @@ def start_sink(kind: str, port: int, log_path: Path) -> subprocess.Popen[Any]:
                                 stderr=subprocess.STDOUT, cwd=ROOT)
     wait_port(port, proc, f"{kind} sink")
     return proc
-
-
-def stop(proc: subprocess.Popen[Any] | None, what: str, grace: float = 15) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        log(f"{what} did not stop in {grace:.0f}s; killing it")
-        proc.kill()
-        proc.wait(5)
-
-
-def descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                todo += [int(c) for c in task.read_text().split()]
-    return out
-
-
-def peak_rss_mb(pid: int) -> float:
-    total = 0
-    for p in descendants(pid):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1])  # kB
-    return round(total / 1024, 1)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of `pid` and its descendants so far."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for p in descendants(pid):
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / ticks
 
 
 def tail(path: Path, lines: int = 30) -> str:

@@ -43,8 +43,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -57,48 +55,21 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from inbox.config import setting_names  # noqa: E402
+from bench.common import (  # noqa: E402
+    cli,
+    free_port,
+    inbox_env,
+    log,
+    peak_rss_mb,
+    stop,
+    wait_port,
+)
+from bench.common import cpu_seconds as cpu_secs  # noqa: E402
+from bench.common import smtp_reply as _reply  # noqa: E402
 
 MASTER_KEY = base64.b64encode(b"s" * 32).decode()
 SENDER = "sender.test"
 BIG = "100000000"
-_start = time.monotonic()
-
-
-def log(text: str) -> None:
-    print(f"[{time.monotonic() - _start:7.1f}s] {text}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"inbox serve exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"inbox serve did not listen on {port} within {timeout:.0f}s")
-
-
-def peak_rss_mb(pid: int) -> float:
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
-
-
-def cpu_secs(pid: int) -> float:
-    with contextlib.suppress(OSError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return 0.0
 
 
 def make_message(size: int = 1024, to: str = "customer@rcpt.test") -> bytes:
@@ -120,15 +91,6 @@ class Counter:
         self.errors += 1
         if len(self.samples) < 5:
             self.samples.append(text[:200])
-
-
-async def _reply(reader: asyncio.StreamReader) -> tuple[int, str]:
-    lines = []
-    while True:
-        line = (await reader.readuntil(b"\r\n")).decode("latin-1")
-        lines.append(line.rstrip())
-        if len(line) < 4 or line[3] != "-":
-            return int(line[:3]), "\n".join(lines)
 
 
 async def session(port: int, auth: bytes, data: bytes, count: int, counter: Counter,
@@ -196,8 +158,7 @@ async def run_load(port: int, auth: bytes, data: bytes, total: int, sessions: in
 
 
 def service_env(data_dir: Path, port: int) -> dict[str, str]:
-    names = set(setting_names())
-    env = {k: v for k, v in os.environ.items() if k not in names}
+    env = inbox_env()
     env.update({
         "INBOX_DATA_DIR": str(data_dir), "INBOX_MASTER_KEY": MASTER_KEY,
         "INBOX_DB_SYNC": os.environ.get("BENCH_DB_SYNC", "true"),
@@ -213,25 +174,6 @@ def service_env(data_dir: Path, port: int) -> dict[str, str]:
         "INBOX_QUOTA_MAX_QUEUED_JOBS": BIG,
     })
     return env
-
-
-def cli(env: dict[str, str], *args: str) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-m", "inbox", *args, "--json"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed: {done.stderr.strip()}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def stop(proc: subprocess.Popen[Any] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 # -- end to end with DANE: 587 -> queue -> workers -> DANE-EE STARTTLS -> Postfix ----------
@@ -342,7 +284,7 @@ def dane_phase(tmp: Path, messages: int, sessions: int, timeout: float) -> dict[
                                 stdout=log_file, stderr=subprocess.STDOUT)
         stack.callback(stop, proc)
         try:
-            wait_port(port, proc)
+            wait_port(port, proc, "inbox serve")
             rcpt = f"rcpt@{DANE_DOMAIN}"
             # Warm-up: the KDF, the worker's DNS/TLSA lookups and connections, Postfix daemons.
             _, warm = asyncio.run(run_load(port, auth, data, 8, 2, rcpt))
@@ -403,7 +345,7 @@ def main() -> None:
         log_file = open(tmp / "serve.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen([sys.executable, "-m", "inbox", "serve", "--no-workers"],
                                 env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
-        wait_port(port, proc)
+        wait_port(port, proc, "inbox serve")
         asyncio.run(run_load(port, auth, data, 40, 2))  # warm-up (and the KDF, once)
         cpu_before, wall_before = cpu_secs(proc.pid), time.monotonic()
         for count in counts:

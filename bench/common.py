@@ -1,0 +1,119 @@
+"""What the benchmarks share: logging, ports, child processes, the inbox CLI, /proc figures,
+and reading SMTP replies. Importable as `bench.common` once the repository root is on
+sys.path (each benchmark puts it there)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+_start = time.monotonic()
+
+
+def log(text: str) -> None:
+    """A progress line on stderr (stdout carries the one JSON line)."""
+    print(f"[{time.monotonic() - _start:7.1f}s] {text}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[Any] | None, what: str,
+              timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on {port} within {timeout:.0f}s")
+
+
+def stop(proc: subprocess.Popen[Any] | None, what: str = "process", grace: float = 20) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        log(f"{what} did not stop in {grace:.0f}s; killing it")
+        proc.kill()
+        proc.wait(5)
+
+
+def inbox_env(**values: str) -> dict[str, str]:
+    """The parent environment without any inbox setting, plus `values`."""
+    from inbox.config import setting_names
+
+    names = set(setting_names())
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    env.update(values)
+    return env
+
+
+def cli(env: dict[str, str], *args: str) -> dict[str, Any]:
+    """`python -m inbox ARGS --json`, which must succeed; its JSON output."""
+    # `--json` after the subcommand: the subparsers' own `--json` must not reset it.
+    done = subprocess.run([sys.executable, "-m", "inbox", *args, "--json"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in task.read_text().split()]
+    return out
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM of `pid` and its descendants, in MB."""
+    total = 0
+    for p in descendants(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])  # kB
+    return round(total / 1024, 1)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of `pid` and its descendants so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in descendants(pid):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+async def smtp_reply(reader: asyncio.StreamReader) -> tuple[int, str]:
+    """One (possibly multi-line) SMTP reply: (code, text)."""
+    lines = []
+    while True:
+        line = (await reader.readuntil(b"\r\n")).decode("latin-1")
+        lines.append(line.rstrip())
+        if len(line) < 4 or line[3] != "-":
+            return int(line[:3]), "\n".join(lines)
