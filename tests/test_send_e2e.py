@@ -12,24 +12,13 @@ import dkim
 import dns.resolver
 
 from tests.conftest import SEND, Stack, make_tenant, route_to_sink, wait_status
+from tests.support.fixtures_dns import dkim_dnsfunc
 from tests.support.opendkim import opendkim_verify
 
 
 def _dnsfunc_via(stack: Stack):  # type: ignore[no-untyped-def]
     """dkimpy's DNS lookup, answered by the same loopback DNS server (no monkeypatching)."""
-    res = dns.resolver.Resolver(configure=False)
-    host, port = stack.dns.address.rsplit(":", 1)
-    res.nameservers = [host]
-    res.port = int(port)
-
-    def lookup(name: bytes, timeout: int = 5) -> bytes:
-        try:
-            answer = res.resolve(name.decode().rstrip("."), "TXT")
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            return b""
-        return b"".join(b"".join(r.strings) for r in answer)
-
-    return lookup
+    return dkim_dnsfunc(stack.dns)
 
 
 async def test_send_delivers_signed_message(stack: Stack, smtp_sink: Any) -> None:

@@ -41,6 +41,7 @@ from inbox.resolver import Resolver
 from inbox.storage import Database
 from tests.conftest import make_settings, make_tenant, route_to_sink, run_stack
 from tests.support.dnsserver import DnsServer
+from tests.support.fixtures_dns import dkim_dnsfunc
 from tests.support.smtpsink import make_self_signed_cert, make_self_signed_context
 
 SCHEMA = json.loads((Path(__file__).parent / "data" / "tlsrpt-schema.json").read_text())
@@ -289,22 +290,6 @@ def test_select_record(texts: list[str], ruas: list[str] | None) -> None:
 
 # --- delivery ----------------------------------------------------------------------------------
 
-def _dnsfunc(dns_server: DnsServer) -> Callable[..., bytes]:
-    """dkimpy's key lookup, answered by the loopback DNS server."""
-    res = dns.resolver.Resolver(configure=False)
-    host, port = dns_server.address.rsplit(":", 1)
-    res.nameservers = [host]
-    res.port = int(port)
-
-    def lookup(name: bytes, timeout: int = 5) -> bytes:
-        try:
-            answer = res.resolve(name.decode().rstrip("."), "TXT")
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            return b""
-        return b"".join(b"".join(r.strings) for r in answer)
-
-    return lookup
-
 
 async def _wait_message_status(db: Database, message_id: str, status: str) -> None:
     deadline = time.monotonic() + 15
@@ -386,7 +371,7 @@ async def test_mailto_and_https_reports_are_delivered(tmp_path: Path, dns_server
         sigs = parsed.get_all("DKIM-Signature")
         assert sigs and all("d=operator.test" in s.replace(" ", "") for s in sigs)
         verifier = dkim.DKIM(raw)
-        lookup = _dnsfunc(dns_server)
+        lookup = dkim_dnsfunc(dns_server)
         assert all(verifier.verify(idx=i, dnsfunc=lookup) for i in range(len(sigs)))
 
         # Sent once: a second run for the day finds the claim.
