@@ -9,7 +9,6 @@ from email import policy
 from typing import Any
 
 import dkim
-import dns.resolver
 
 from tests.conftest import SEND, Stack, make_tenant, route_to_sink, wait_status
 from tests.support.fixtures_dns import dkim_dnsfunc

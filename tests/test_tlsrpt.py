@@ -18,7 +18,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import dkim
-import dns.resolver
 import jsonschema
 import pytest
 
