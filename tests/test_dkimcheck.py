@@ -226,6 +226,16 @@ async def test_unacceptable_signatures(dns_server: DnsServer, resolver: Resolver
     assert [r.result for r in results] == [expected], results[0].reason
 
 
+async def test_key_record_for_another_service_is_permerror(dns_server: DnsServer,
+                                                           resolver: Resolver) -> None:
+    # RFC 6376 §3.6.1: a record whose s= lists only other service types is ignored.
+    dns_server.add_txt("sel._domainkey.example.com",
+                       f"v=DKIM1; s=other; p={rfc6376_public_b64()}")
+    results = await verify_dkim(sign_rfc6376(PLAIN, b"sel"), resolver)
+    assert [(r.result, r.reason) for r in results] == [
+        ("permerror", "key record is not for email (s= service type)")]
+
+
 async def test_body_length_limit_is_policy(dns_server: DnsServer, resolver: Resolver) -> None:
     publish_rfc6376(dns_server)
     signed = sign_rfc6376(PLAIN, length=True) + b"Appended by someone else.\r\n"

@@ -205,6 +205,8 @@ def _verify_one(verifier: FastDKIM, sig: _Sig, keys: _Keys) -> tuple[str, str]:
         _, keysize, ktag, _ = parse_key_record(sig.key_name.encode(), record.encode("utf-8"))
     except (dkim.KeyFormatError, ValueError) as exc:  # binascii.Error is a ValueError
         return "permerror", f"unusable key: {exc}"
+    if ktag is None or keysize is None:  # RFC 6376 §3.6.1: s= lists only other services
+        return "permerror", "key record is not for email (s= service type)"
     algorithm = tags.get(b"a", b"")
     if not algorithm.startswith(ktag + b"-"):
         return "permerror", f"key type {ktag.decode()} does not match a={algorithm.decode()}"
