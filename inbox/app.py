@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from inbox.config import Settings
+from inbox.delivery.handoff import Handoff
 from inbox.delivery.queue import Queue
 from inbox.delivery.signers import SignerCache
 from inbox.delivery.transport import RelayConfig, SmtpTransport
@@ -55,11 +56,17 @@ class Services:
     tls_planner: Any = None
     clock: Callable[[], datetime] = utcnow
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    # Stored jobs go straight to a local worker with room (delivery/handoff.py).
+    handoff: Handoff = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "handoff", Handoff(self.wakeup))  # frozen dataclass
 
     def worker(self, name: str | None = None) -> DeliveryWorker:
         return DeliveryWorker(queue=self.queue, resolver=self.resolver, transport=self.transport,
                               signers=self.signers, settings=self.settings, clock=self.clock,
-                              wakeup=self.wakeup, name=name, tls_planner=self.tls_planner)
+                              wakeup=self.wakeup, name=name, tls_planner=self.tls_planner,
+                              handoff=self.handoff)
 
 
 def build_transport(settings: Settings) -> SmtpTransport:

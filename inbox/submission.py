@@ -16,6 +16,7 @@ from typing import Any
 
 from opentelemetry import trace
 
+from inbox.delivery.handoff import Claim, Handoff
 from inbox.delivery.suppressions import SUPPRESSED_SQL, suppression_ids
 from inbox.errors import (
     DomainNotVerified,
@@ -138,13 +139,18 @@ COMMIT TRANSACTION;
 async def submit(db: Database, principal: Principal, msg: OutboundMessage | RawMessage,
                  opts: SubmitOptions,
                  *, settings: Any, now: datetime | None = None,
-                 cache: TenantCache | None = None) -> dict[str, Any]:
-    """Store a message for delivery; returns its row (the first message's on a replay)."""
+                 cache: TenantCache | None = None,
+                 handoff: Handoff | None = None) -> dict[str, Any]:
+    """Store a message for delivery; returns its row (the first message's on a replay).
+
+    With `handoff` (the local workers), the jobs go straight to a worker with room, else
+    they are stored queued and the workers are woken (delivery/handoff.py).
+    """
     with tracer.start_as_current_span("submission.submit") as span:
         span.set_attribute("inbox.org", principal.org)
         span.set_attribute("inbox.source", opts.source)
         row = await _submit(db, principal, msg, opts, settings, now or datetime.now(UTC),
-                            cache)
+                            cache, handoff)
         span.set_attribute("inbox.message", row["id"])
         return row
 
@@ -183,8 +189,8 @@ async def sending_limits(db: Database, principal: Principal, domain: str, settin
 
 
 async def _submit(db: Database, principal: Principal, msg: OutboundMessage | RawMessage,
-                  opts: SubmitOptions, settings: Any, now: datetime, cache: TenantCache | None
-                  ) -> dict[str, Any]:
+                  opts: SubmitOptions, settings: Any, now: datetime, cache: TenantCache | None,
+                  handoff: Handoff | None = None) -> dict[str, Any]:
     principal.require("send")
     prepared: PreparedRaw | None = None
     if isinstance(msg, RawMessage):
@@ -254,6 +260,9 @@ async def _submit(db: Database, principal: Principal, msg: OutboundMessage | Raw
             "due": now, "attempts": 0, "owner": None, "lease_until": None, "created_at": now,
             "expires_at": now + timedelta(seconds=settings.SMTP_OUTBOUND_TTL_SECS),
             "require_tls": opts.require_tls, "dsn_ret": dsn_ret, "dsn_envid": dsn_envid,
+            # The message's only job and all its recipients: completing it knows the
+            # message's status without reading the recipients back (delivery/queue.py).
+            "whole": len(job_ids) == 1 and not suppressed,
         } for rcpt_domain, job_id in job_ids.items()]
         events.append({"id": new_id("evt"), "org": principal.org, "message": message_id,
                        "type": "QUEUED", "at": now, "recipient": None,
@@ -288,7 +297,22 @@ async def _submit(db: Database, principal: Principal, msg: OutboundMessage | Raw
 
     # Optimistic: most sends hit no suppression, so the store checks for one itself (one round
     # trip); only when it finds one do we look them up and store with those recipients skipped.
-    params = rows({})
+    claim: Claim | None = None
+
+    def leased(params: dict[str, Any]) -> dict[str, Any]:
+        """Claim room on a local worker for these jobs: they are stored leased to it."""
+        nonlocal claim
+        if claim is not None:
+            claim.cancel()
+            claim = None
+        if handoff is not None and params["jobs"]:
+            claim = handoff.claim(len(params["jobs"]))
+            if claim is not None:
+                for job in params["jobs"]:
+                    job.update(claim.lease(now))
+        return params
+
+    params = leased(rows({}))
     params["supp_ids"] = suppression_ids(principal.org, recipients)
     try:
         try:
@@ -298,10 +322,13 @@ async def _submit(db: Database, principal: Principal, msg: OutboundMessage | Raw
             if exc.throw_code != "SUPPRESSED":
                 raise
             found = await db.one(SUPPRESSED_SQL, {"ids": params["supp_ids"], "now": now})
-            params = rows({r["target"]: r.get("reason") or "suppressed" for r in found or []})
+            params = leased(rows({r["target"]: r.get("reason") or "suppressed"
+                                  for r in found or []}))
             params["supp_ids"] = []
             await db.run(_STORE, params)
     except DbThrow as exc:
+        if claim is not None:
+            claim.cancel()
         if exc.throw_code == "IDEMPOTENT_REPLAY":
             row = await db.one("SELECT * FROM ONLY type::thing('message', $id) WHERE org = $org",
                                {"id": exc.detail, "org": principal.org})
@@ -320,4 +347,20 @@ async def _submit(db: Database, principal: Principal, msg: OutboundMessage | Raw
             raise QuotaExceeded(f"{limit} of {sender.ascii_domain} reached{when}",
                                 limit=limit, resets_at=resets) from None
         raise
+    except BaseException:
+        if claim is not None:
+            claim.cancel()
+        raise
+    _hand_over(handoff, claim, params)
     return params["message"]
+
+
+def _hand_over(handoff: Handoff | None, claim: Claim | None, params: dict[str, Any]) -> None:
+    """After the commit: the claimed worker starts the jobs, or the workers are woken."""
+    if claim is not None:
+        message, raw = params["message"], params["raw"]
+        claim.deliver([(job, (message, raw, [r for r in params["recipients"]
+                                             if r["job"] == job["id"]]))
+                       for job in params["jobs"]])
+    elif handoff is not None and params["jobs"]:
+        handoff.queued(len(params["jobs"]))

@@ -189,3 +189,39 @@ async def test_completion_after_losing_the_lease_changes_nothing(
     assert await services.queue.complete(good, "w2", now) is True
     row = await services.db.one("SELECT status FROM ONLY type::thing('message', $m)", {"m": msg_id})
     assert row["status"] == "DELIVERED"
+
+
+async def test_python_message_status_matches_the_database_function(open_services: Any) -> None:
+    """Completion computes a whole job's message status in Python; it must agree with
+    fn::message_status, which the other completions use, for every mix of statuses."""
+    from itertools import combinations
+
+    from inbox.delivery.queue import message_status
+
+    services = await open_services()
+    names = ["QUEUED", "DEFERRED", "DELIVERED", "BOUNCED", "EXPIRED", "SUPPRESSED"]
+    mixes = [list(c) for n in range(1, len(names) + 1) for c in combinations(names, n)]
+    results = await services.db.run(";".join(
+        f"RETURN fn::message_status($s{i})" for i in range(len(mixes))),
+        {f"s{i}": mix for i, mix in enumerate(mixes)})
+    assert len(results) == len(mixes) == 63
+    assert [message_status(mix) for mix in mixes] == results
+    assert len(set(results)) == 7  # every outcome of the function is reached
+
+
+async def test_lease_takes_the_oldest_due_jobs_first(open_services: Any, dns_server: Any) -> None:
+    services = await open_services()
+    tenant = await make_tenant(services, dns_server)
+    await _submit_many(services, tenant, 6)
+    now = services.clock()
+    jobs = await services.db.one("SELECT VALUE meta::id(id) FROM job")
+    # Due times in an order unrelated to the ids; one is not due yet.
+    offsets = [-5, -50, 30, -20, -1, -40]
+    for job_id, offset in zip(sorted(jobs), offsets, strict=True):
+        await services.db.run("UPDATE type::thing('job', $id) SET due = $due",
+                              {"id": job_id, "due": now + timedelta(seconds=offset)})
+    order = [j for _, j in sorted(zip(offsets, sorted(jobs), strict=True)) if _ <= 0]
+    first = await services.queue.lease("w1", 2, 30, now)
+    second = await services.queue.lease("w1", 10, 30, now)
+    assert [j["id"] for j in first] == order[:2]
+    assert [j["id"] for j in second] == order[2:]

@@ -140,7 +140,7 @@ async def send_reports(services: Any, *, day: date, config: TlsReportConfig | No
                        ) -> list[ReportOutcome]:
     """Report `day` to every policy domain that has counters for it (RFC 8460 §5).
 
-    `services` needs `db`, `resolver`, `settings` and `clock`; `tenant_cache` and `wakeup`
+    `services` needs `db`, `resolver`, `settings` and `clock`; `tenant_cache` and `handoff`
     are used when present. Each (domain, day) is claimed in the database before anything is
     sent, so concurrent callers (other instances) send it once.
     """
@@ -232,12 +232,10 @@ async def _mail(services: Any, config: TlsReportConfig, uri: str, domain: str, d
                          tags=["tlsrpt"], source="tlsrpt")
     try:
         row = await submit(services.db, principal, msg, opts, settings=services.settings,
-                           now=services.clock(), cache=getattr(services, "tenant_cache", None))
+                           now=services.clock(), cache=getattr(services, "tenant_cache", None),
+                           handoff=getattr(services, "handoff", None))
     except InboxError as exc:
         return RuaDelivery(uri, False, f"{exc.code}: {exc.message}")
-    wakeup = getattr(services, "wakeup", None)
-    if wakeup is not None:
-        wakeup.set()
     return RuaDelivery(uri, True, f"queued {row['id']}", row["id"])
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from opentelemetry import trace
 
 from inbox.delivery.bounces import suppression_scope
+from inbox.delivery.handoff import Handed, Handoff
 from inbox.delivery.mx import NullMx, mx_hosts
 from inbox.delivery.queue import JobOutcome, Loaded, Queue, RecipientOutcome, backoff
 from inbox.delivery.signers import SignerCache
@@ -116,7 +117,8 @@ def _synthetic(addresses: list[str], code: int, enhanced: str, text: str) -> Att
 class DeliveryWorker:
     def __init__(self, *, queue: Queue, resolver: Any, transport: Any, signers: SignerCache,
                  settings: Any, clock: Callable[[], datetime], wakeup: asyncio.Event | None = None,
-                 name: str | None = None, tls_planner: Any = None) -> None:
+                 name: str | None = None, tls_planner: Any = None,
+                 handoff: Handoff | None = None) -> None:
         self.queue = queue
         self.resolver = resolver
         self.transport = transport
@@ -130,38 +132,74 @@ class DeliveryWorker:
         self._next_cleanup = 0.0
         self.tls_planner = tls_planner
         self._dnssec_overrides: dict[tuple[str, str], tuple[float, bool | None]] = {}
+        self.handoff = handoff
+        self.lease_secs = float(settings.SMTP_OUTBOUND_QUEUE_LEASE_SECS)
+        self._stopping = False
+        # Due jobs may be waiting in the database (true at start: earlier runs may have left
+        # some); cleared when a lease comes back short.
+        self._backlog = True
+
+    # -- the handoff's side (delivery/handoff.py): jobs stored already leased to us ---------
+
+    def room(self) -> int:
+        """Free delivery slots. None while stopping, and none while queued work may be
+        waiting: new mail must not overtake the backlog, so it is stored queued and leased
+        in turn until a lease finds the queue drained."""
+        if self._stopping or self._backlog:
+            return 0
+        return self.settings.SMTP_OUTBOUND_CONCURRENCY - len(self._tasks)
+
+    def take(self, handed: list[Handed]) -> None:
+        """Start jobs committed with our lease. While stopping they are left to the final
+        release (or to lease expiry), like any leased job not started."""
+        if self._stopping:
+            return
+        for job, loaded in handed:
+            self._start(job, loaded)
+
+    def _start(self, job: dict[str, Any], loaded: Loaded | None) -> None:
+        task = asyncio.create_task(self._guarded(job, loaded))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Lease and process jobs until `stop` is set; then release what is unfinished."""
         s = self.settings
         limit = s.SMTP_OUTBOUND_CONCURRENCY
         loop = asyncio.get_running_loop()
+        if self.handoff is not None:
+            self.handoff.attach(self)
         try:
             while not stop.is_set():
                 leased = 0
-                free = limit - len(self._tasks)
-                if free > 0:
+                free = limit - len(self._tasks) - (
+                    self.handoff.reserved(self) if self.handoff is not None else 0)
+                asked = min(free, s.SMTP_OUTBOUND_QUEUE_BATCH_SIZE)
+                if free <= 0:
+                    self._backlog = True  # woken or polled while full: look when room frees
+                elif free >= max(1, limit // 4) or not self._tasks:
+                    # One lease costs the engine about as much for 1 job as for 16: wait for a
+                    # quarter of the slots rather than lease each one as it frees.
                     try:
-                        jobs = await self.queue.lease(
-                            self.name, min(free, s.SMTP_OUTBOUND_QUEUE_BATCH_SIZE),
-                            s.SMTP_OUTBOUND_QUEUE_LEASE_SECS, self.clock())
+                        jobs = await self.queue.lease(self.name, asked,
+                                                      s.SMTP_OUTBOUND_QUEUE_LEASE_SECS,
+                                                      self.clock())
                     except InboxError:
                         log.exception("lease failed; retrying after the poll interval")
                         jobs = []
                     leased = len(jobs)
+                    self._backlog = leased == asked
                     try:
                         loaded = await self.queue.load_many(jobs)
                     except InboxError:
                         log.exception("loading leased jobs failed; each job loads on its own")
                         loaded = {}
                     for job in jobs:
-                        task = asyncio.create_task(self._guarded(job, loaded.get(job["id"])))
-                        self._tasks.add(task)
-                        task.add_done_callback(self._task_done)
+                        self._start(job, loaded.get(job["id"]))
                 if loop.time() >= self._next_cleanup:
                     self._next_cleanup = loop.time() + CLEANUP_EVERY_SECS
                     await self._cleanup()
-                if leased and leased == min(free, s.SMTP_OUTBOUND_QUEUE_BATCH_SIZE):
+                if leased and leased == asked:
                     continue  # there may be more due work right now
                 self.wakeup.clear()
                 waiters = [asyncio.ensure_future(self.wakeup.wait()),
@@ -175,9 +213,19 @@ class DeliveryWorker:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self.wakeup.set()  # a slot is free
+        if self._backlog:
+            self.wakeup.set()  # a slot is free and queued work may be waiting
 
     async def _shutdown(self) -> None:
+        self._stopping = True
+        if self.handoff is not None:
+            self.handoff.detach(self)
+            # Sends being stored with our lease settle in a moment; their jobs are then
+            # released below with the rest.
+            for _ in range(100):
+                if not self.handoff.reserved(self):
+                    break
+                await asyncio.sleep(0.05)
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=10)
             for task in pending:

@@ -194,8 +194,8 @@ class Mutation:
                                  metadata=_metadata(metadata), source="graphql",
                                  require_tls=bool(require_tls))
             row = await submit(services.db, p, msg, opts, settings=services.settings,
-                               now=services.clock(), cache=services.tenant_cache)
-            services.wakeup.set()
+                               now=services.clock(), cache=services.tenant_cache,
+                               handoff=services.handoff)
             return SendEmailPayload(message=Message.of(row), errors=[])
 
         return await _payload(run, lambda e: SendEmailPayload(message=None, errors=e))

@@ -26,6 +26,7 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING
 
+from inbox.delivery.handoff import Handoff
 from inbox.errors import (
     Forbidden,
     InboxError,
@@ -85,7 +86,7 @@ class SubmissionService:
 
     def __init__(self, *, db: Any, settings: Any, limiter: Any, auth: SmtpAuthCache,
                  tenant_cache: Any, limits: SubmissionLimits, clock: Callable[[], datetime],
-                 wakeup: asyncio.Event | None = None,
+                 handoff: Handoff | None = None,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.db = db
         self.settings = settings
@@ -94,7 +95,7 @@ class SubmissionService:
         self.tenant_cache = tenant_cache
         self.limits = limits
         self.clock = clock
-        self.wakeup = wakeup
+        self.handoff = handoff
         self._monotonic = monotonic
         self._blocked: dict[str, float] = {}  # source IP -> AUTH refused until
 
@@ -142,9 +143,7 @@ class SubmissionService:
                          ) -> dict[str, Any]:
         """Store the message for delivery (durable when this returns)."""
         row = await submit(self.db, principal, msg, opts, settings=self.settings,
-                           now=self.clock(), cache=self.tenant_cache)
-        if self.wakeup is not None:
-            self.wakeup.set()
+                           now=self.clock(), cache=self.tenant_cache, handoff=self.handoff)
         return row
 
 
@@ -463,7 +462,7 @@ def build_submission(services: Any, *, tls_context: ssl.SSLContext, port: int,
             messages_per_minute=s.SMTP_RATE_LIMIT_SUBMISSION_MESSAGES_PER_MINUTE,
             auth_failures_per_minute=s.SMTP_RATE_LIMIT_AUTH_FAILURES_PER_MINUTE,
             fail_open=s.SMTP_RATE_LIMIT_FAIL_OPEN_ON_DB_ERROR),
-        clock=services.clock, wakeup=services.wakeup)
+        clock=services.clock, handoff=services.handoff)
     common: dict[str, Any] = {
         "hostname": s.SERVER_HOSTNAME, "host": s.SERVER_BIND_ADDR, "tls_context": tls_context,
         "max_message_bytes": s.SMTP_MAX_MESSAGE_BYTES,

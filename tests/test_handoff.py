@@ -1,0 +1,133 @@
+"""Direct handoff on the real engine: a stored message goes straight to a local worker with
+room, stored leased to it; without room it is stored queued; a worker that dies with handed
+jobs loses them to the next lease after expiry; a failed store gives the room back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from inbox.app import build_services, running_workers
+from inbox.delivery.handoff import Handed, Handoff
+from inbox.errors import QuotaExceeded
+from inbox.message import OutboundMessage
+from inbox.submission import SubmitOptions, submit
+from inbox.tenancy import Principal
+from tests.conftest import make_settings, make_tenant, route_to_sink
+
+
+class Stalled:
+    """A worker that takes handed jobs and never runs them (as if it died at once)."""
+
+    def __init__(self, name: str, room: int, lease_secs: float = 60) -> None:
+        self.name, self._room, self.lease_secs = name, room, lease_secs
+        self.taken: list[Handed] = []
+
+    def room(self) -> int:
+        return self._room
+
+    def take(self, handed: list[Handed]) -> None:
+        self.taken.extend(handed)
+
+
+@pytest.fixture
+async def services(tmp_path: Any, dns_server: Any, smtp_sink: Any) -> AsyncIterator[Any]:
+    settings = make_settings(tmp_path, dns_server, INBOX_DB_SYNC="false",
+                             SMTP_OUTBOUND_PORT=smtp_sink.port,
+                             # Workers poll rarely: only a handoff delivers at once.
+                             SMTP_OUTBOUND_QUEUE_POLL_SECS="60",
+                             INBOX_QUOTA_HOURLY_SEND_LIMIT=3)
+    opened = await build_services(settings)
+    yield opened
+    await opened.db.close()
+
+
+async def _send(services: Any, tenant: Any, to: list[str], handoff: Handoff | None) -> Any:
+    principal = Principal(tenant.org, "key_test", frozenset({"send"}))
+    msg = OutboundMessage(from_=f"a@{tenant.domain}", to=to, subject="hi", text_body="x")
+    return await submit(services.db, principal, msg, SubmitOptions(), settings=services.settings,
+                        now=services.clock(), handoff=handoff)
+
+
+async def _jobs(services: Any, message_id: str) -> list[dict[str, Any]]:
+    return await services.db.one("SELECT * FROM job WHERE message = $m ORDER BY id",
+                                 {"m": message_id}) or []
+
+
+async def test_a_stored_message_goes_straight_to_a_local_worker(
+        services: Any, dns_server: Any, smtp_sink: Any) -> None:
+    tenant = await make_tenant(services, dns_server)
+    route_to_sink(dns_server, "dest.test")
+    async with running_workers(services):
+        await asyncio.sleep(0.3)  # the worker's first lease finds the queue empty
+        row = await _send(services, tenant, ["u@dest.test"], services.handoff)
+        # The polling interval is a minute, and a handed-off store wakes no lease, so only the
+        # handoff can deliver this within seconds.
+        await asyncio.wait_for(smtp_sink.wait_for(1), 10)
+        assert (services.handoff.handed, services.handoff.stored_queued) == (1, 0)
+        for _ in range(100):
+            jobs = await _jobs(services, row["id"])
+            if jobs and jobs[0]["status"] == "done":
+                break
+            await asyncio.sleep(0.05)
+    assert [(j["status"], j["attempts"], j.get("owner")) for j in jobs] == [("done", 1, None)]
+    message = await services.db.one("SELECT * FROM ONLY type::thing('message', $id)",
+                                     {"id": row["id"]})
+    assert message["status"] == "DELIVERED"
+    assert b"Subject: hi" in smtp_sink.messages[0].data
+
+
+async def test_jobs_are_stored_leased_and_taken_over_if_the_worker_dies(
+        services: Any, dns_server: Any) -> None:
+    tenant = await make_tenant(services, dns_server)
+    handoff = Handoff()
+    dead = Stalled("dead-worker", room=4, lease_secs=30)
+    handoff.attach(dead)
+    row = await _send(services, tenant, ["a@one.test", "b@two.test"], handoff)
+    # One job per recipient domain, both handed over with the message in memory.
+    assert sorted(job["rcpt_domain"] for job, _ in dead.taken) == ["one.test", "two.test"]
+    assert all(loaded[1] and loaded[0]["id"] == row["id"] for _, loaded in dead.taken)
+    assert handoff.reserved(dead) == 0 and not handoff.wakeup.is_set()
+    assert (handoff.handed, handoff.stored_queued) == (2, 0)
+    stored = await _jobs(services, row["id"])
+    assert {(j["status"], j["owner"], j["attempts"]) for j in stored} == {
+        ("processing", "dead-worker", 1)}
+    now = services.clock()
+    assert await services.queue.lease("w2", 10, 30, now) == []  # the lease holds
+    taken = await services.queue.lease("w2", 10, 30, now + timedelta(seconds=31))
+    assert sorted(j["id"] for j in taken) == sorted(j["id"] for j in stored)
+    assert {(j["owner"], j["attempts"]) for j in taken} == {("w2", 2)}
+
+
+async def test_without_room_jobs_are_stored_queued_and_the_workers_woken(
+        services: Any, dns_server: Any) -> None:
+    tenant = await make_tenant(services, dns_server)
+    handoff = Handoff()
+    busy = Stalled("busy-worker", room=1)
+    handoff.attach(busy)
+    row = await _send(services, tenant, ["a@one.test", "b@two.test"], handoff)  # 2 jobs > 1
+    assert busy.taken == [] and handoff.wakeup.is_set()
+    assert (handoff.handed, handoff.stored_queued) == (0, 2)
+    assert {(j["status"], j.get("owner")) for j in await _jobs(services, row["id"])} == {
+        ("queued", None)}
+    leased = await services.queue.lease("w2", 10, 30, services.clock())
+    assert len(leased) == 2
+
+
+async def test_a_refused_send_gives_the_room_back(services: Any, dns_server: Any) -> None:
+    tenant = await make_tenant(services, dns_server)
+    handoff = Handoff()
+    worker = Stalled("w", room=1)
+    handoff.attach(worker)
+    for i in range(3):  # the hourly limit is 3 recipients
+        await _send(services, tenant, [f"u{i}@dest.test"], handoff)
+        worker._room += 1
+    with pytest.raises(QuotaExceeded):
+        await _send(services, tenant, ["late@dest.test"], handoff)
+    assert handoff.reserved(worker) == 0
+    assert len(worker.taken) == 3
+    assert await services.db.one("SELECT VALUE id FROM job WHERE status = 'queued'") == []
