@@ -21,11 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from surrealdb import AsyncEmbeddedSurrealConnection, AsyncSurreal, RecordID
-from surrealdb.data.cbor import decode as cbor_decode
-from surrealdb.request_message.message import RequestMessage
-from surrealdb.request_message.methods import RequestMethod
 
 from inbox.errors import ConfigError, Conflict, InboxError, StorageUnavailable
+from inbox.storage import wire
 
 log = logging.getLogger(__name__)
 
@@ -242,15 +240,15 @@ class Database:
     async def _embedded_query(self, sql: str, params: dict[str, Any]) -> Any:
         """query_raw for the embedded engine with only the engine call under the lock.
 
-        The SDK encodes and decodes CBOR in pure Python; doing that outside the lock lets
-        other callers use the engine meanwhile (the lock was held ~10x the engine's own time).
-        This reaches past the SDK's `_send` to its engine handle, `_db.execute`.
+        Encoding and decoding happen outside the lock, so other callers use the engine
+        meanwhile, and by cbor2's C extension (wire.py) rather than the SDK's pure-Python CBOR.
+        This reaches past the SDK's `_send` to its engine handle, `_db.execute`, which takes
+        and returns the same CBOR RPC messages as a server's WebSocket.
         """
-        request = RequestMessage(RequestMethod.QUERY, query=sql, params=params)
-        payload = request.WS_CBOR_DESCRIPTOR
+        payload = wire.query_request(sql, params)
         async with self._lock:
             response = await self._conn._db.execute(payload)
-        decoded = cbor_decode(response)
+        decoded = wire.decode(response)
         return decoded if isinstance(decoded, dict) else {}
 
     async def one(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
