@@ -2,7 +2,8 @@
 
 Does no I/O. Addresses are parsed in `inbox.addresses`; top-level header fields are encoded
 and folded in `inbox.headers` (RFC 2047 encoded-words, folding at 78) and handed to the `email`
-package pre-folded; the body parts come from `inbox.mimeparts` (built with `email`).
+package pre-folded; the body parts come from `inbox.mimeparts` (built with `email`). Text/html
+messages are written directly by `inbox.mimefast`, to the same bytes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import email.errors
 import email.header
 import email.policy
 import email.utils
+import functools
 import mimetypes
 import re
 import secrets
@@ -26,6 +28,7 @@ from inbox.addresses import check_text as _check_text
 from inbox.errors import MessageTooLarge, ValidationError
 from inbox.headers import FOLD_AT as FOLD_AT  # re-exported
 from inbox.headers import Prefolded, address_list, fold, unstructured
+from inbox.mimefast import fast_mime
 from inbox.mimeparts import PARAM as _PARAM
 from inbox.mimeparts import mime_body
 
@@ -193,18 +196,37 @@ def validate(msg: OutboundMessage, *, max_bytes: int = MAX_MESSAGE_BYTES,
 
 # --- MIME --------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=64)
+def _a_label(domain: str) -> str:
+    """The Message-ID domain in A-label form; IDNA costs more than the rest of a message."""
+    return idna.encode(domain.strip().rstrip("."), uts46=True).decode("ascii")
+
+
 def build_mime(validated: ValidatedMessage, message_id_domain: str, now: datetime,
                message_id: str | None = None, *,
                max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[bytes, str]:
-    """(raw message with CRLF line endings, Message-ID value `<...@domain>`). Bcc is left out."""
+    """(raw message with CRLF line endings, Message-ID value `<...@domain>`). Bcc is left out.
+    Text/html messages take `inbox.mimefast` (same bytes, a fraction of the cost), the rest
+    `email_package_mime`."""
     v = validated
     if message_id is None:
-        domain = idna.encode(message_id_domain.strip().rstrip("."), uts46=True).decode("ascii")
-        message_id = f"<{secrets.token_hex(16)}@{domain}>"  # RFC 5322 §3.6.4: unique
+        # RFC 5322 §3.6.4: unique
+        message_id = f"<{secrets.token_hex(16)}@{_a_label(message_id_domain)}>"
     elif not _MESSAGE_ID.fullmatch(message_id):
         raise ValidationError("message id must look like <local@domain>", field=["messageId"])
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
+    raw = fast_mime(v, message_id, now)
+    if raw is None:
+        raw = email_package_mime(v, message_id, now)
+    if len(raw) > max_bytes:
+        raise MessageTooLarge(f"message is {len(raw)} bytes; the limit is {max_bytes}",
+                              field=["message"])
+    return raw, message_id
+
+
+def email_package_mime(v: ValidatedMessage, message_id: str, now: datetime) -> bytes:
+    """The message built with the `email` package: every case, at its cost (`now` aware)."""
     policy = email.policy.SMTPUTF8 if v.smtputf8 else email.policy.SMTP
     msg = EmailMessage(policy=policy)
     msg["From"] = address_list("From", [v.from_])
@@ -222,11 +244,7 @@ def build_mime(validated: ValidatedMessage, message_id_domain: str, now: datetim
     for name, value in root.items():
         msg[name] = value
     msg.set_payload(root.get_payload())
-    raw = msg.as_bytes(policy=policy)
-    if len(raw) > max_bytes:
-        raise MessageTooLarge(f"message is {len(raw)} bytes; the limit is {max_bytes}",
-                              field=["message"])
-    return raw, message_id
+    return msg.as_bytes(policy=policy)
 
 
 # --- a message built by the client (SMTP submission) --------------------------------------------

@@ -20,18 +20,22 @@ _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # RFC 2045 §5.1 token
 PARAM = re.compile(rf"({_TOKEN})=({_TOKEN}|\"[^\"\\]*\")")  # a Content-Type parameter
 
 
-def _text_part(text: str, subtype: str, policy: email.policy.Policy) -> MIMEPart:
+def transfer_encoding(text: str) -> str:
+    """The lightest Content-Transfer-Encoding that carries `text` (also used by
+    `inbox.mimefast`, so both builders choose alike)."""
     lines = re.split(r"\r\n|\r|\n", text)
     clean = text.isascii() and not CONTROLS.search(text.replace("\r", "").replace("\n", ""))
     if clean and max(map(len, lines)) <= FOLD_AT:
-        cte = "7bit"  # RFC 2045 §2.7: short lines, no NUL, CR or LF except as CRLF
-    elif (len(text.encode("utf-8", "surrogatepass")) - len(text)) * 10 > len(text):
+        return "7bit"  # RFC 2045 §2.7: short lines, no NUL, CR or LF except as CRLF
+    if (len(text.encode("utf-8", "surrogatepass")) - len(text)) * 10 > len(text):
         # Mostly non-ASCII (counted in extra UTF-8 bytes, a C-speed proxy for characters).
-        cte = "base64"
-    else:
-        cte = "quoted-printable"  # RFC 2045 §6.7: keeps every line under 76 characters
+        return "base64"
+    return "quoted-printable"  # RFC 2045 §6.7: keeps every line under 76 characters
+
+
+def _text_part(text: str, subtype: str, policy: email.policy.Policy) -> MIMEPart:
     part = MIMEPart(policy=policy)
-    part.set_content(text, subtype=subtype, charset="utf-8", cte=cte)
+    part.set_content(text, subtype=subtype, charset="utf-8", cte=transfer_encoding(text))
     return part
 
 
