@@ -1,0 +1,59 @@
+"""INBOX_DATABASE_URL=ws://…: two inbox instances share one database over the SDK's WebSocket
+client (tests/support/surreal_ws.py puts the real engine behind a loopback RPC endpoint) and
+deliver every message exactly once between them, their queue leases keeping them apart."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+from inbox.app import build_services, running_workers
+from inbox.message import OutboundMessage
+from inbox.submission import SubmitOptions, submit
+from inbox.tenancy import Principal
+from tests.conftest import make_settings, make_tenant, route_to_sink
+from tests.support.surreal_ws import EngineOverWebSocket
+
+
+async def test_two_instances_share_one_database_server(tmp_path: Any, dns_server: Any,
+                                                       smtp_sink: Any) -> None:
+    server = EngineOverWebSocket(f"surrealkv://{tmp_path}/server/db")
+    url = await server.start()
+    instances = []
+    try:
+        for name in ("a", "b"):
+            settings = make_settings(tmp_path / name, dns_server, INBOX_DATABASE_URL=url,
+                                     SMTP_OUTBOUND_PORT=smtp_sink.port,
+                                     SMTP_OUTBOUND_CONCURRENCY=4,
+                                     INBOX_QUOTA_HOURLY_SEND_LIMIT=1000)
+            instances.append(await build_services(settings))
+        a, b = instances
+        assert not a.db.embedded and server.requests > 0
+        tenant = await make_tenant(a, dns_server)  # made through one instance ...
+        route_to_sink(dns_server, "dest.test")
+        principal = Principal(tenant.org, "key_test", frozenset({"send"}))
+        sent = []
+        async with running_workers(a), running_workers(b):
+            for i in range(30):  # ... sent through both: jobs are queued in the shared DB
+                services = instances[i % 2]
+                msg = OutboundMessage(from_=f"a@{tenant.domain}", to=[f"u{i}@dest.test"],
+                                      subject=f"shared {i}", text_body="x")
+                row = await submit(services.db, principal, msg, SubmitOptions(),
+                                   settings=services.settings, now=services.clock())
+                sent.append(row["id"])
+                a.wakeup.set()
+                b.wakeup.set()
+            await asyncio.wait_for(smtp_sink.wait_for(30), 60)
+            await asyncio.sleep(0.5)  # nothing more arrives: no message went out twice
+        subjects = Counter(m.data.split(b"Subject: ")[1].split(b"\r\n")[0]
+                           for m in smtp_sink.messages)
+        assert len(smtp_sink.messages) == 30 and max(subjects.values()) == 1
+        rows = await b.db.one("SELECT id, status FROM message")
+        assert {r["status"] for r in rows} == {"DELIVERED"} and len(rows) == 30
+        jobs = await a.db.one("SELECT status, attempts FROM job")
+        assert len(jobs) == 30 and {(j["status"], j["attempts"]) for j in jobs} == {("done", 1)}
+    finally:
+        for services in instances:
+            await services.db.close()
+        await server.stop()
