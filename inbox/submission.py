@@ -358,9 +358,12 @@ async def _submit(db: Database, principal: Principal, msg: OutboundMessage | Raw
 def _hand_over(handoff: Handoff | None, claim: Claim | None, params: dict[str, Any]) -> None:
     """After the commit: the claimed worker starts the jobs, or the workers are woken."""
     if claim is not None:
+        by_job: dict[str, list[dict[str, Any]]] = {}
+        for row in params["recipients"]:  # one pass, however many recipient domains
+            if row["job"] is not None:
+                by_job.setdefault(row["job"], []).append(row)
         message, raw = params["message"], params["raw"]
-        claim.deliver([(job, (message, raw, [r for r in params["recipients"]
-                                             if r["job"] == job["id"]]))
+        claim.deliver([(job, (message, raw, by_job.get(job["id"], [])))
                        for job in params["jobs"]])
     elif handoff is not None and params["jobs"]:
         handoff.queued(len(params["jobs"]))
