@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -107,6 +108,39 @@ def cpu_seconds(pid: int) -> float:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / ticks
+
+
+class Profiler:
+    """`py-spy record` of a running server (GIL-holding stacks, raw collapsed format) until
+    `stop()`; a no-op, with a note, when py-spy is not installed."""
+
+    def __init__(self, pid: int, path: str, log_dir: Path) -> None:
+        self.path, self.log_path = path, log_dir / "py-spy.log"
+        self.proc: subprocess.Popen[Any] | None = None
+        exe = shutil.which("py-spy")
+        if exe is None:
+            log("--profile: py-spy not found (pip install py-spy); not profiling")
+            return
+        cmd = [exe, "record", "--pid", str(pid), "--format", "raw", "--output", path,
+               "--rate", "100", "--nonblocking", "--threads", "--gil"]
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        out = self.log_path.read_text(errors="replace").strip().splitlines()[-3:]
+        log(f"py-spy exited with {self.proc.returncode}: {' '.join(out) or 'no output'}; "
+            f"profile: {self.path}")
+        self.proc = None
 
 
 async def smtp_reply(reader: asyncio.StreamReader) -> tuple[int, str]:

@@ -11,7 +11,7 @@ The same load then goes to a private Postfix smtpd (tests/support/postfix.py; it
 message durably, then discards it) for a ratio.
 
 Run: python bench/inbound.py [--messages N] [--sizes 1024,102400] [--sessions 1,8,32]
-                             [--no-postfix] [--keep]
+                             [--no-postfix] [--keep] [--profile FILE]
 
 Prints one JSON line on stdout (progress on stderr): for each size and session count,
 `inbox_<size>_c<S>` and `postfix_<size>_c<S>` in messages/s, `ratio_<size>_c<S>`
@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import (  # noqa: E402
+    Profiler,
     cli,
     free_port,
     inbox_env,
@@ -154,6 +155,9 @@ def main() -> None:
     ap.add_argument("--sessions", default="1,8,32")
     ap.add_argument("--no-postfix", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
+    ap.add_argument("--profile", metavar="FILE",
+                    help="py-spy record the service (GIL-holding stacks, collapsed format) "
+                         "during the measured runs")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     session_counts = [int(s) for s in args.sessions.split(",")]
@@ -186,6 +190,7 @@ def main() -> None:
                                 env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
         wait_port(port, proc, "inbox serve")
         asyncio.run(run_load(port, messages[sizes[0]], 20, 2))  # warm-up
+        profiler = Profiler(proc.pid, args.profile, tmp) if args.profile else None
         for size in sizes:
             total = args.messages if size <= 4096 else max(20, args.messages // 4)
             for count in session_counts:
@@ -196,6 +201,8 @@ def main() -> None:
                 samples += counter.samples
                 log(f"inbox   {name}: {rate:7.1f} msg/s ({counter.ok} ok, "
                     f"{counter.errors} errors)")
+        if profiler is not None:
+            profiler.stop()
         result["peak_rss_mb"] = peak_rss_mb(proc.pid)
         stop(proc)
         proc = None

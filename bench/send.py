@@ -33,7 +33,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import (  # noqa: E402
+    Profiler,
     cli,
     cpu_seconds,
     free_port,
@@ -431,18 +431,6 @@ def wait_healthy(base_url: str, proc: subprocess.Popen[Any], log_path: Path,
     raise RuntimeError(f"server not healthy within {timeout:.0f}s:\n{tail(log_path)}")
 
 
-def start_profiler(pid: int, path: str, log_dir: Path) -> subprocess.Popen[Any] | None:
-    exe = shutil.which("py-spy")
-    if exe is None:
-        log("--profile: py-spy not found (pip install py-spy); not profiling")
-        return None
-    cmd = [exe, "record", "--pid", str(pid), "--format", "raw", "--output", path,
-           "--rate", "100", "--nonblocking", "--threads", "--gil"]
-    with open(log_dir / "py-spy.log", "wb") as out:
-        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--messages", "-n", type=int, default=2000)
@@ -468,7 +456,7 @@ def main() -> int:
     dns: DnsServer | None = None
     sink: subprocess.Popen[Any] | None = None
     server: subprocess.Popen[Any] | None = None
-    profiler: subprocess.Popen[Any] | None = None
+    profiler: Profiler | None = None
     server_log = tmp / "server.log"
     try:
         dns = DnsServer().start()
@@ -511,7 +499,7 @@ def main() -> int:
         wait_healthy(base_url, server, server_log)
         log(f"server pid {server.pid} at {base_url}")
         if args.profile:
-            profiler = start_profiler(server.pid, args.profile, tmp)
+            profiler = Profiler(server.pid, args.profile, tmp)
 
         result = asyncio.run(benchmark(args, base_url, key, server.pid))
         if server.poll() is not None:
@@ -529,15 +517,7 @@ def main() -> int:
         return 2
     finally:
         if profiler is not None:
-            if profiler.poll() is None:
-                profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-                try:
-                    profiler.wait(30)
-                except subprocess.TimeoutExpired:
-                    profiler.kill()
-                    profiler.wait(5)
-            log(f"py-spy exited with {profiler.returncode}: "
-                f"{tail(tmp / 'py-spy.log', 3) or 'no output'}; profile: {args.profile}")
+            profiler.stop()
         stop(server, "server")
         stop(sink, "sink", grace=5)
         if dns is not None:

@@ -218,6 +218,8 @@ class Resolver:
         self._cache: OrderedDict[tuple[dns.name.Name, str], tuple[float, _Result]] = OrderedDict()
         # (name, type) -> the task fetching it, which returns a result or the error to raise.
         self._inflight: dict[tuple[dns.name.Name, str], asyncio.Task[_Result | InboxError]] = {}
+        # Name text as asked -> canonical Name (parsing one costs more than the cache hit).
+        self._names: dict[str, dns.name.Name] = {}
 
     @property
     def nameservers(self) -> list[tuple[str, int]]:
@@ -288,13 +290,19 @@ class Resolver:
 
     async def _lookup(self, name: str | dns.name.Name, rdtype: str) -> _Result:
         """The (copied) cached result if fresh; else join the query in flight or send one."""
-        try:
-            qname = name if isinstance(name, dns.name.Name) else dns.name.from_text(name)
-        except dns.exception.DNSException:
-            qname = None  # `_query` says why the name is impossible
-        if not self._use_cache or qname is None:
+        if not self._use_cache:
             return (await self._query(name, rdtype))[0]
-        key = (qname.canonicalize(), rdtype)  # canonical: lowercase (RFC 4343)
+        qname = name.canonicalize() if isinstance(name, dns.name.Name) else self._names.get(name)
+        if qname is None:
+            assert isinstance(name, str)
+            try:
+                qname = dns.name.from_text(name).canonicalize()  # lowercase (RFC 4343)
+            except dns.exception.DNSException:
+                return (await self._query(name, rdtype))[0]  # it says why the name is impossible
+            if len(self._names) >= self._max_entries:
+                self._names.clear()
+            self._names[name] = qname
+        key = (qname, rdtype)
         cached = self._cache.get(key)
         if cached is not None:
             expires, result = cached

@@ -5,11 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from publicsuffixlist import PublicSuffixList
 
 from inbox.resolver import Resolver
 from inbox.smtp.dkimcheck import DkimResult
-from inbox.smtp.dmarc import DmarcResult, check_dmarc, organizational_domain
+from inbox.smtp.dmarc import (
+    _SIMPLE_FROM,
+    DmarcResult,
+    check_dmarc,
+    from_address_domain,
+    organizational_domain,
+)
 from tests.support.dnsserver import DnsServer
 from tests.support.fixtures_dns import dns_server, resolver  # noqa: F401
 
@@ -196,3 +204,40 @@ async def test_pass_returns_full_result(dns_server: DnsServer, resolver: Resolve
 ], ids=["sub-co-uk", "co-uk", "public-suffix", "deep"])
 def test_organizational_domain(psl: PublicSuffixList, domain: str, org: str) -> None:
     assert organizational_domain(domain, psl) == org
+
+
+# The fast path for plain From shapes must give what the two-parser path gives.
+_ATOM = st.text("abcXYZ019!#$%&'*+/=?^_`{|}~-", min_size=1, max_size=6)
+_LABEL = st.text("abcz09-", min_size=1, max_size=8)
+_ADDR = st.builds(lambda local, labels: ".".join(local) + "@" + ".".join(labels),
+                  st.lists(_ATOM, min_size=1, max_size=3), st.lists(_LABEL, min_size=2,
+                                                                     max_size=4))
+_WORDS = st.lists(st.text("abcXYZ019", min_size=1, max_size=6), min_size=1, max_size=3).map(
+    " ".join)
+_QUOTED = st.text("abc XY.'-\t", max_size=12).map(lambda t: f'"{t}"')
+_SIMPLE = st.one_of(
+    _ADDR,
+    st.builds(lambda name, addr, sp: f"{name}{sp}<{addr}>",
+              st.one_of(st.just(""), _WORDS, _QUOTED), _ADDR, st.sampled_from(["", " ", "\t"])),
+).flatmap(lambda t: st.sampled_from([t, f" {t}", f"{t} ", f"\t{t}\t"]))
+
+
+@given(_SIMPLE)
+@settings(max_examples=400, deadline=None)
+def test_from_fast_path_agrees_with_both_parsers(text: str) -> None:
+    assert _SIMPLE_FROM.fullmatch(text), text  # the generator makes only fast-path shapes
+    assert from_address_domain(text) == from_address_domain(text, fast=False)
+
+
+@given(st.text("ab@<>\"., ()\\:;\t-xyz.é", max_size=30))
+@settings(max_examples=400, deadline=None)
+def test_from_fast_path_never_disagrees_on_junk(text: str) -> None:
+    assert from_address_domain(text) == from_address_domain(text, fast=False)
+
+
+@pytest.mark.parametrize("text", [
+    '"a@b.com" <x@y.z>', "Bob <a@b.c>, c@d.e", "(c) a@b.com", "Ünï <a@b.com>",
+    "a@b.com <c@d.com>", "<a@b.com> <c@d.com>", "Sender.Name <a@b.com>",
+])
+def test_from_fast_path_declines_the_tricky_shapes(text: str) -> None:
+    assert not _SIMPLE_FROM.fullmatch(text)

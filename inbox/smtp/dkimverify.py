@@ -38,6 +38,20 @@ _DIGEST_INFO_LEN = {"sha1": 15 + 20, "sha256": 19 + 32}
 _PREHASHED = {"sha1": utils.Prehashed(hashes.SHA1()), "sha256": utils.Prehashed(hashes.SHA256())}
 _PKCS1 = padding.PKCS1v15()
 _WSP = re.compile(rb"\s+")
+_EMPTY_LINE = re.compile(rb"(?:^|\n)\r?\n")
+
+
+def rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
+    """What `dkim.rfc822_parse` returns, without splitting the body into lines when its line
+    ends are all CRLF already (then re-joining them with CRLF changes nothing)."""
+    end = _EMPTY_LINE.search(message)
+    if end is None:
+        return dkim.rfc822_parse(message)
+    headers, _ = dkim.rfc822_parse(message[:end.end()])
+    body = message[end.end():]
+    if body.count(b"\n") != body.count(b"\r\n"):  # a bare LF: dkimpy's way, exactly
+        body = b"\r\n".join(re.split(b"\r?\n", body))
+    return headers, body
 
 
 class RsaPublicKey:
@@ -105,6 +119,13 @@ class _FastVerify(dkim.DomainSigner):
     keysize: int | None
     ktag: bytes | None
     seqtlsrpt: bool
+    headers: list[list[bytes]]
+    body: bytes
+
+    def set_message(self, message: bytes | None) -> None:
+        super().set_message(None)  # resets the per-verification state
+        if message:
+            self.headers, self.body = rfc822_parse(message)
 
     def verify_sig(self, sig: dict[bytes, bytes], include_headers: list[bytes],
                    sig_header: tuple[bytes, bytes], dnsfunc: Callable[..., Any]) -> bool:
