@@ -256,7 +256,7 @@ def create_app(settings: Settings, *, workers: bool = True, transfer: bool = Tru
     """The ASGI app: GraphQL at /graphql, health at /healthz; workers run in its lifespan."""
     from fastapi import FastAPI
 
-    from inbox.graphql import graphql_router
+    from inbox.graphql import graphql_app
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -275,10 +275,25 @@ def create_app(settings: Settings, *, workers: bool = True, transfer: bool = Tru
             await services.db.close()
 
     app = FastAPI(title="inbox", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.include_router(graphql_router(), prefix="/graphql")
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    return app
+    return InboxApp(app, graphql_app(lambda: app.state.services))
+
+
+class InboxApp:
+    """The served ASGI app: /graphql straight to strawberry's view (inbox/graphql/__init__.py
+    says why); the rest (/healthz) and the lifespan to FastAPI. `state` is FastAPI's."""
+
+    def __init__(self, fastapi: Any, graphql: Any) -> None:
+        self.fastapi, self.graphql = fastapi, graphql
+        self.state = fastapi.state
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan" and scope["path"] in ("/graphql", "/graphql/"):
+            scope["app"] = self.fastapi  # Request.app, as under FastAPI
+            await self.graphql(scope, receive, send)
+        else:
+            await self.fastapi(scope, receive, send)

@@ -131,3 +131,34 @@ async def test_concurrent_sends_all_delivered_once(stack: Stack, smtp_sink: Any)
     await asyncio.sleep(0.3)
     rcpts = sorted(r for m in smtp_sink.messages for r in m.rcpt_tos)
     assert rcpts == sorted(f"user{i}@dest.test" for i in range(30))
+
+
+async def test_graphql_request_is_a_server_span_joined_to_the_callers_trace(
+        stack: Stack) -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)  # installed by build_services
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tenant = await make_tenant(stack.services, stack.dns)
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    resp = await stack.api.client.post(
+        "/graphql", headers={"Authorization": f"Bearer {tenant.key}",
+                             "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+        json={"query": SEND, "variables": {"from": f"hello@{tenant.domain}",
+                                           "to": ["a@dest.test"], "subject": "s",
+                                           "text": "t"}})
+    assert resp.status_code == 200 and resp.json()["data"]["sendEmail"]["errors"] == []
+    exporter.shutdown()  # later tests' spans are not kept
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    server, submit = spans["POST /graphql"], spans["submission.submit"]
+    assert server.kind == SpanKind.SERVER
+    assert server.attributes["http.response.status_code"] == 200
+    assert format(server.context.trace_id, "032x") == trace_id
+    assert format(server.parent.span_id, "016x") == "00f067aa0ba902b7"
+    assert submit.parent.span_id == server.context.span_id
