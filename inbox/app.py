@@ -69,7 +69,9 @@ class Services:
                               handoff=self.handoff)
 
 
-def build_transport(settings: Settings) -> SmtpTransport:
+def build_transport(settings: Settings) -> Any:
+    """The outbound transport: an `SmtpTransport`, in a child process when
+    SMTP_OUTBOUND_PROCESS says so (`ProcessTransport`, same interface)."""
     relay = None
     if settings.SMTP_OUTBOUND_RELAY:
         try:
@@ -78,6 +80,14 @@ def build_transport(settings: Settings) -> SmtpTransport:
             from inbox.errors import ConfigError
 
             raise ConfigError(f"SMTP_OUTBOUND_RELAY: {exc}") from None
+    if settings.outbound_process:
+        from inbox.delivery.outproc import ProcessTransport
+
+        return ProcessTransport(helo_name=settings.SERVER_HOSTNAME,
+                                port=settings.SMTP_OUTBOUND_PORT,
+                                timeout=settings.SMTP_OUTBOUND_TIMEOUT_SECS, relay=relay,
+                                ca_file=settings.SMTP_OUTBOUND_CA_FILE or None,
+                                log_level=settings.INBOX_LOG_LEVEL)
     return SmtpTransport(helo_name=settings.SERVER_HOSTNAME, port=settings.SMTP_OUTBOUND_PORT,
                          timeout=settings.SMTP_OUTBOUND_TIMEOUT_SECS, relay=relay,
                          ca_file=settings.SMTP_OUTBOUND_CA_FILE or None)
@@ -238,6 +248,9 @@ async def running_workers(services: Services, count: int = 1) -> AsyncIterator[N
 
     stop = asyncio.Event()
     tasks = [asyncio.create_task(services.worker().run(stop)) for _ in range(count)]
+    start = getattr(services.transport, "start", None)  # a delivery process: start it now
+    if start is not None:
+        tasks.append(asyncio.create_task(start()))
     # TLS-RPT (RFC 8460): yesterday's aggregate reports, once a day (claimed in the database,
     # so several instances send each report once).
     tasks.append(asyncio.create_task(run_daily(services, stop, clock=services.clock)))

@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     SMTP_OUTBOUND_QUEUE_LEASE_SECS: int = Field(300, ge=1)
     SMTP_OUTBOUND_QUEUE_POLL_SECS: float = Field(1.0, gt=0)
     SMTP_OUTBOUND_CONCURRENCY: int = Field(16, ge=1, le=1024)
+    SMTP_OUTBOUND_PROCESS: str = "auto"
     SMTP_OUTBOUND_TIMEOUT_SECS: float = Field(60.0, gt=0)
     SMTP_OUTBOUND_RETRY_BASE_DELAY_SECS: float = Field(60.0, ge=0)
     SMTP_OUTBOUND_RETRY_MAX_DELAY_SECS: float = Field(3600.0, ge=0)
@@ -152,6 +153,21 @@ class Settings(BaseSettings):
         if value not in ("off", "prefer", "require"):
             raise ValueError("must be 'off', 'prefer' or 'require'")
         return value
+
+    @field_validator("SMTP_OUTBOUND_PROCESS")
+    @classmethod
+    def _outbound_process(cls, value: str) -> str:
+        if value not in ("auto", "on", "off"):
+            raise ValueError("must be 'auto', 'on' or 'off'")
+        return value
+
+    @property
+    def outbound_process(self) -> bool:
+        """Sign and send in a child process (inbox/delivery/outproc.py): `auto` = when this
+        machine has a second core for it."""
+        if self.SMTP_OUTBOUND_PROCESS == "auto":
+            return (os.cpu_count() or 1) >= 2
+        return self.SMTP_OUTBOUND_PROCESS == "on"
 
     @field_validator("OTEL_TRACES_EXPORTER")
     @classmethod

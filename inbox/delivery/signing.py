@@ -86,6 +86,9 @@ class DkimSigner:
                  selector_ed25519: str | None = None, ed25519_private_b64: str | None = None,
                  headers: Sequence[str] = DEFAULT_DKIM_HEADERS, *,
                  clock: Callable[[], float] = time.time) -> None:
+        # What makes this signer again elsewhere (the delivery process, outproc.py).
+        self.spec = (domain, selector_rsa, rsa_private_pem, selector_ed25519,
+                     ed25519_private_b64, tuple(headers))
         try:
             self.domain = idna.encode(domain.strip().rstrip("."), uts46=True).decode("ascii")
         except idna.IDNAError as exc:
