@@ -448,6 +448,8 @@ def main() -> int:
                    help="py-spy record the server (GIL-holding stacks, collapsed format) "
                         "from start-up to the end of the run")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a setting for the service (repeatable), e.g. SMTP_OUTBOUND_PROCESS=off")
     args = p.parse_args()
     if args.messages < 1 or args.concurrency < 1:
         p.error("--messages and --concurrency must be positive")
@@ -464,6 +466,7 @@ def main() -> int:
         sink = start_sink(args.sink, sink_port, tmp / "sink.log")
         log(f"{args.sink} sink on 127.0.0.1:{sink_port}, DNS on {dns.address}, dir {tmp}")
 
+        extra = dict(item.partition("=")[::2] for item in args.set)
         env = service_env(
             tmp / "data",
             SERVER_HOSTNAME="outbound.inbox.test",
@@ -478,7 +481,7 @@ def main() -> int:
             INBOX_QUOTA_HOURLY_SEND_LIMIT=BIG,
             INBOX_QUOTA_DAILY_SEND_LIMIT=BIG,
             INBOX_QUOTA_MAX_QUEUED_JOBS=BIG,
-        )
+        ) | extra
         org = cli(env, "org", "create", "Bench")["id"]
         domain = cli(env, "domain", "add", org, SENDER_DOMAIN, "--verified")
         for record in domain["records"]:

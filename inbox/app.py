@@ -87,10 +87,12 @@ def build_transport(settings: Settings) -> Any:
                                 port=settings.SMTP_OUTBOUND_PORT,
                                 timeout=settings.SMTP_OUTBOUND_TIMEOUT_SECS, relay=relay,
                                 ca_file=settings.SMTP_OUTBOUND_CA_FILE or None,
+                                max_sessions_per_host=settings.SMTP_OUTBOUND_MAX_SESSIONS_PER_HOST,
                                 log_level=settings.INBOX_LOG_LEVEL)
     return SmtpTransport(helo_name=settings.SERVER_HOSTNAME, port=settings.SMTP_OUTBOUND_PORT,
                          timeout=settings.SMTP_OUTBOUND_TIMEOUT_SECS, relay=relay,
-                         ca_file=settings.SMTP_OUTBOUND_CA_FILE or None)
+                         ca_file=settings.SMTP_OUTBOUND_CA_FILE or None,
+                         max_sessions_per_host=settings.SMTP_OUTBOUND_MAX_SESSIONS_PER_HOST)
 
 
 async def build_services(settings: Settings, **overrides: Any) -> Services:

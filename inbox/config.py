@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     SMTP_OUTBOUND_QUEUE_BATCH_SIZE: int = Field(50, ge=1, le=1000)
     SMTP_OUTBOUND_QUEUE_LEASE_SECS: int = Field(300, ge=1)
     SMTP_OUTBOUND_QUEUE_POLL_SECS: float = Field(1.0, gt=0)
-    SMTP_OUTBOUND_CONCURRENCY: int = Field(16, ge=1, le=1024)
+    SMTP_OUTBOUND_CONCURRENCY: int = Field(64, ge=1, le=1024)
+    SMTP_OUTBOUND_MAX_SESSIONS_PER_HOST: int = Field(20, ge=1, le=1024)
     SMTP_OUTBOUND_PROCESS: str = "auto"
     SMTP_OUTBOUND_TIMEOUT_SECS: float = Field(60.0, gt=0)
     SMTP_OUTBOUND_RETRY_BASE_DELAY_SECS: float = Field(60.0, ge=0)

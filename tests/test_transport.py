@@ -801,3 +801,22 @@ async def test_pooling_off(
 def test_pool_limits_validated(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         SmtpTransport("client.test", **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("limit", "sessions"), [(2, 2), (5, 5)])
+async def test_sessions_per_host_are_limited(smtp_sink: SmtpSink, transport: MakeTransport,
+                                             limit: int, sessions: int) -> None:
+    # Five deliveries at once while the sink holds every DATA: only `limit` sessions open;
+    # the others wait and then reuse the pooled sessions.
+    smtp_sink.hold_data = threading.Event()
+    client = transport(max_sessions_per_host=limit)
+    tasks = [asyncio.create_task(client.deliver([at(smtp_sink)], "a@sender.test",
+                                                [f"u{i}@x.test"], RAW)) for i in range(5)]
+    try:
+        assert await asyncio.to_thread(smtp_sink.data_held.wait, 5)
+        await asyncio.sleep(0.3)  # room for more sessions to open, were they allowed
+    finally:
+        smtp_sink.hold_data.set()
+    results = await asyncio.gather(*tasks)
+    assert all(r.recipients[0].delivered for r in results)
+    assert len({m.peer for m in smtp_sink.messages}) == sessions

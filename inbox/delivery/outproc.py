@@ -73,10 +73,11 @@ class ProcessTransport:
 
     def __init__(self, *, helo_name: str, port: int = 25, timeout: float = 60,
                  relay: RelayConfig | None = None, ca_file: str | None = None,
-                 log_level: str = "WARNING") -> None:
+                 max_sessions_per_host: int = 20, log_level: str = "WARNING") -> None:
         self.relay = relay
         self._config = {"helo_name": helo_name, "port": port, "timeout": timeout,
-                        "relay": relay, "ca_file": ca_file, "log_level": log_level}
+                        "relay": relay, "ca_file": ca_file, "log_level": log_level,
+                        "max_sessions_per_host": max_sessions_per_host}
         self._proc: asyncio.subprocess.Process | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}

@@ -40,7 +40,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from aiosmtplib import (
     SMTP,
@@ -105,8 +105,9 @@ class SmtpTransport:
     session is taken or returned); one that has carried `max_messages_per_connection`
     transactions is closed with QUIT; at most `max_connections_per_endpoint` idle sessions are
     kept per endpoint (concurrent deliveries beyond that open extra connections, closed after
-    use). `max_connections_per_endpoint=0` turns pooling off. `clock` is a monotonic clock in
-    seconds. Call `aclose()` when done.
+    use). `max_connections_per_endpoint=0` turns pooling off. At most `max_sessions_per_host`
+    transactions run at once per (address, port); more wait for a free one. `clock` is a
+    monotonic clock in seconds. Call `aclose()` when done.
     """
 
     def __init__(self, helo_name: str, port: int = 25, timeout: float = 60,
@@ -115,6 +116,7 @@ class SmtpTransport:
                  source_address: str | None = None, *, ca_file: str | None = None,
                  max_idle_secs: float = 30,
                  max_messages_per_connection: int = 100, max_connections_per_endpoint: int = 8,
+                 max_sessions_per_host: int = 20,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not helo_name or not helo_name.isascii() or any(c.isspace() for c in helo_name):
             raise ValueError(f"helo_name {helo_name!r} must be an ASCII host name")
@@ -128,6 +130,10 @@ class SmtpTransport:
         self._verifying: ssl.SSLContext | None = None
         self._ca_file = ca_file or None
         self._dane_context: ssl.SSLContext | None = None
+        # Sessions in use per (address, port), like Postfix's destination concurrency limit
+        # (default_destination_concurrency_limit = 20): more deliveries wait their turn.
+        self._max_sessions_per_host = max_sessions_per_host
+        self._host_slots: dict[tuple[str, int], list[Any]] = {}  # [semaphore, users]
         self._pool = SessionPool(
             max_idle_secs=max_idle_secs, max_messages_per_connection=max_messages_per_connection,
             max_connections_per_endpoint=max_connections_per_endpoint,
@@ -194,6 +200,22 @@ class SmtpTransport:
 
         Raises `HostFailed` when the host cannot be used (nothing was sent after DATA).
         """
+        slot = self._host_slots.get((endpoint.host, endpoint.port))
+        if slot is None:
+            slot = self._host_slots[(endpoint.host, endpoint.port)] = [
+                asyncio.Semaphore(self._max_sessions_per_host), 0]
+        slot[1] += 1
+        try:
+            async with slot[0]:
+                return await self._transaction(endpoint, mail_from, rcpts, raw, smtputf8)
+        finally:
+            slot[1] -= 1
+            if not slot[1]:
+                del self._host_slots[(endpoint.host, endpoint.port)]
+
+    async def _transaction(self, endpoint: Endpoint, mail_from: str, rcpts: list[str],
+                           raw: bytes, smtputf8: bool
+                           ) -> tuple[Connection, list[RecipientResult]]:
         key = self._pool_key(endpoint)
         pooled = self._pool.take(key)
         if pooled is not None:
