@@ -15,7 +15,8 @@ Run: python bench/inbound.py [--messages N] [--sizes 1024,102400] [--sessions 1,
 
 Prints one JSON line on stdout (progress on stderr): for each size and session count,
 `inbox_<size>_c<S>` and `postfix_<size>_c<S>` in messages/s, `ratio_<size>_c<S>`
-(inbox / postfix), `errors`, `peak_rss_mb` of the service.
+(inbox / postfix), `cpu_ms_per_msg_<size>_c<S>` (the service's CPU per accepted message, which
+varies less than the rate on a shared VM), `errors`, `peak_rss_mb` of the service.
 Target (issue 3): >= 200 messages/s of 1 KB with every check on.
 """
 
@@ -45,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import (  # noqa: E402
     Profiler,
     cli,
+    cpu_seconds,
     free_port,
     inbox_env,
     log,
@@ -194,9 +196,12 @@ def main() -> None:
         for size in sizes:
             total = args.messages if size <= 4096 else max(20, args.messages // 4)
             for count in session_counts:
+                cpu = cpu_seconds(proc.pid)
                 rate, counter = asyncio.run(run_load(port, messages[size], total, count))
+                cpu = cpu_seconds(proc.pid) - cpu
                 name = f"{size // 1024}k_c{count}"
                 result[f"inbox_{name}"] = round(rate, 1)
+                result[f"cpu_ms_per_msg_{name}"] = round(cpu * 1000 / max(1, counter.ok), 2)
                 errors += counter.errors
                 samples += counter.samples
                 log(f"inbox   {name}: {rate:7.1f} msg/s ({counter.ok} ok, "
