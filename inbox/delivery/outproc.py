@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from inbox.delivery.relay import RelayConfig
-from inbox.delivery.results import NO_TLS, AttemptResult, synthetic
+from inbox.delivery.results import AttemptResult, failed_attempt
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,8 @@ class ChildGone(Exception):
     """The delivery process ended while an attempt was in flight."""
 
 
-def _failed(recipients: Sequence[str], text: str) -> AttemptResult:
-    return AttemptResult([synthetic(r, 451, "4.3.0", f"local error: {text}")
-                          for r in recipients], None, NO_TLS, None)
+def _local_error(rcpts: list[str], text: str) -> AttemptResult:
+    return failed_attempt(rcpts, 451, "4.3.0", f"local error: {text}")  # retried
 
 
 class ProcessTransport:
@@ -97,7 +96,7 @@ class ProcessTransport:
         try:
             proc = await self._child()
         except OSError as exc:
-            return _failed(rcpts, f"cannot start the delivery process: {exc}")
+            return _local_error(rcpts, f"cannot start the delivery process: {exc}")
         request_id = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
@@ -108,13 +107,13 @@ class ProcessTransport:
             await proc.stdin.drain()
             reply = await asyncio.shield(future)
         except (ConnectionError, BrokenPipeError) as exc:
-            return _failed(rcpts, f"delivery process unreachable: {exc}")
+            return _local_error(rcpts, f"delivery process unreachable: {exc}")
         except ChildGone as exc:
-            return _failed(rcpts, str(exc))
+            return _local_error(rcpts, str(exc))
         finally:
             self._pending.pop(request_id, None)
         if isinstance(reply, str):
-            return _failed(rcpts, reply)
+            return _local_error(rcpts, reply)
         return reply  # type: ignore[no-any-return]
 
     async def start(self) -> None:

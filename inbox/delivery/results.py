@@ -5,6 +5,7 @@ Parses RFC 3463 enhanced status codes off SMTP replies; does no I/O.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # RFC 3463 §2: class "." subject "." detail; subject and detail are 1-3 digits.
@@ -117,3 +118,11 @@ def from_reply(address: str, code: int, message: str, *, delivered: bool = False
 def synthetic(address: str, code: int, enhanced: str, text: str) -> RecipientResult:
     """A result we made up (no usable reply): temporary for 4xx codes, never delivered."""
     return RecipientResult(address, code, enhanced, text, temporary=code < 500, delivered=False)
+
+
+def failed_attempt(addresses: Sequence[str], code: int, enhanced: str, text: str
+                   ) -> AttemptResult:
+    """An attempt that never reached a server (our own error, DNS, a dead delivery process):
+    the same made-up reply for every recipient."""
+    return AttemptResult([synthetic(a, code, enhanced, text) for a in addresses], None, NO_TLS,
+                         None)

@@ -25,6 +25,7 @@ from inbox.delivery.completer import Completer
 from inbox.delivery.handoff import Handed, Handoff
 from inbox.delivery.mx import NullMx, mx_hosts
 from inbox.delivery.queue import JobOutcome, Loaded, Queue, RecipientOutcome, backoff
+from inbox.delivery.results import failed_attempt
 from inbox.delivery.signers import SignerCache
 from inbox.delivery.transport import AttemptResult, RecipientResult
 from inbox.errors import DnsNotFound, DnsTemporary, InboxError
@@ -55,15 +56,6 @@ def _tls_optional(raw: bytes) -> bool:
 
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{id(object()):x}"
-
-
-def _synthetic(addresses: list[str], code: int, enhanced: str, text: str) -> AttemptResult:
-    from inbox.delivery.transport import TlsOutcome
-
-    temporary = 400 <= code < 500
-    return AttemptResult(
-        recipients=[RecipientResult(a, code, enhanced, text, temporary, False) for a in addresses],
-        host=None, tls=TlsOutcome(False, None, None), connection_error=None)
 
 
 class DeliveryWorker:
@@ -237,7 +229,8 @@ class DeliveryWorker:
             signed = raw if signs else await asyncio.to_thread(signer.sign, raw)
         except Exception as exc:  # noqa: BLE001 - our own failure: defer, never suppress
             log.exception("DKIM signing failed for %s", job["id"])
-            return _synthetic(addresses, 451, "4.3.0", f"local error: DKIM signing failed: {exc}")
+            return failed_attempt(addresses, 451, "4.3.0",
+                                  f"local error: DKIM signing failed: {exc}")
         hosts: list[Target] = []
         if self.transport.relay is None:
             require_tls = bool(message.get("require_tls"))
@@ -248,11 +241,12 @@ class DeliveryWorker:
                     # published TLS policy (used e.g. by TLS-RPT reports, RFC 8460 §5.3).
                     tls_policy=require_tls or not _tls_optional(raw))
             except NullMx as exc:
-                return _synthetic(addresses, 556, "5.1.10", exc.message)
+                return failed_attempt(addresses, 556, "5.1.10", exc.message)
             except DnsNotFound as exc:
-                return _synthetic(addresses, 550, "5.1.2", f"recipient domain: {exc.message}")
+                return failed_attempt(addresses, 550, "5.1.2",
+                                      f"recipient domain: {exc.message}")
             except DnsTemporary as exc:
-                return _synthetic(addresses, 451, "4.4.3", f"DNS: {exc.message}")
+                return failed_attempt(addresses, 451, "4.4.3", f"DNS: {exc.message}")
         extra = {"sign": signer.spec} if signs else {}
         return await self.transport.deliver(hosts, message["envelope_from"], addresses, signed,
                                             smtputf8=bool(message.get("smtputf8")), **extra)
