@@ -50,7 +50,10 @@ def test_env_example_defaults_load() -> None:
     ("INBOX_DATABASE_URL", "postgres://x"),
     ("INBOX_DB_SYNC", "maybe"),
     ("OTEL_TRACES_EXPORTER", "jaeger"),
-], ids=["port-text", "port-range", "attempts-zero", "db-scheme", "bool", "exporter"])
+    ("SMTP_OUTBOUND_PROCESS", "yes"),
+    ("SMTP_OUTBOUND_MAX_SESSIONS_PER_HOST", "0"),
+], ids=["port-text", "port-range", "attempts-zero", "db-scheme", "bool", "exporter",
+        "outbound-process", "sessions-per-host-zero"])
 def test_bad_setting_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(env={name: value})
