@@ -116,6 +116,13 @@ def test_kill_during_data_then_restart_delivers(setup: Setup, smtp_sink: SmtpSin
             f"the worker never reached DATA:\n{first.stderr()}"
         first.kill()  # kill -9 while the sink has the whole message but has not replied
         assert first.proc is not None and first.proc.returncode == -9
+        # Delivery runs in a child process that the kernel kills once the parent is gone
+        # (PR_SET_PDEATHSIG): release the sink only after it has seen that connection close,
+        # or a 250 could still go out to a peer that is about to vanish.
+        deadline = time.monotonic() + 10
+        while smtp_sink.open_sessions and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert smtp_sink.open_sessions == 0, "the delivery session outlived the killed service"
     finally:
         hold.set()  # release the sink
         first.kill()

@@ -24,6 +24,9 @@ from tests.support.fixtures_dns import dns_server  # noqa: F401
 SUITE = Path(__file__).parent / "data" / "rfc7208-tests.yml"
 # Short, so the suite's TIMEOUT names cost little; a fresh resolver without a cache per case.
 TIMEOUT = 0.5
+# Scenarios without a TIMEOUT name get a patient resolver: on a loaded CI machine the loopback
+# server's answer once took longer than 0.5 s and a `pass` case came back `temperror`.
+PATIENT = 5.0
 
 
 def load_zone(server: DnsServer, zonedata: dict[str, list[Any]]) -> None:
@@ -84,7 +87,9 @@ async def test_rfc7208_suite(
     dns_server: DnsServer, zonedata: dict[str, Any], case: dict[str, Any]
 ) -> None:
     load_zone(dns_server, zonedata)
-    resolver = Resolver([dns_server.address], timeout=TIMEOUT, cache=False)
+    silent = any("TIMEOUT" in records for records in zonedata.values())
+    resolver = Resolver([dns_server.address], timeout=TIMEOUT if silent else PATIENT,
+                        cache=False)
     helo, mail_from = case["helo"], case["mailfrom"]
     if mail_from:
         # The suite states check_host() results for the MAIL FROM identity.
@@ -194,7 +199,9 @@ async def test_check_spf_identities(
     dns_server: DnsServer, mail_from: str, helo: str, expected: SpfResult
 ) -> None:
     load_zone(dns_server, ZONE)
-    resolver = Resolver([dns_server.address], timeout=TIMEOUT, cache=False)
+    silent = "temp.test" in f"{mail_from} {helo}"
+    resolver = Resolver([dns_server.address], timeout=TIMEOUT if silent else PATIENT,
+                        cache=False)
     assert await check_spf(resolver, "192.0.2.1", mail_from, helo) == expected
 
 
@@ -226,7 +233,7 @@ async def test_explanation_macros(
     dns_server.add_txt("x.test", record)
     dns_server.add_txt("e.x.test", "from %{c} to %{r} at %{t}")
     dns_server.add_txt("e6.x.test", "%{c} %{i}")
-    resolver = Resolver([dns_server.address], timeout=TIMEOUT, cache=False)
+    resolver = Resolver([dns_server.address], timeout=PATIENT, cache=False)
     got = await check_host(
         resolver, ip, "x.test", "a@x.test", receiver="mx.inbox.test", clock=lambda: 1_700_000_000.5
     )
@@ -248,14 +255,14 @@ async def test_overall_time_limit_gives_temperror(dns_server: DnsServer) -> None
 
 async def test_errors_say_why(dns_server: DnsServer) -> None:
     dns_server.add_txt("bad.test", "v=spf1 ip4:192.0.2.300 -all")
-    resolver = Resolver([dns_server.address], timeout=TIMEOUT, cache=False)
+    resolver = Resolver([dns_server.address], timeout=PATIENT, cache=False)
     got = await check_host(resolver, "192.0.2.1", "bad.test", "")
     assert got.result == "permerror"
     assert "ip4:192.0.2.300" in got.explanation
 
 
 async def test_not_an_ip_is_a_validation_error(dns_server: DnsServer) -> None:
-    resolver = Resolver([dns_server.address], timeout=TIMEOUT, cache=False)
+    resolver = Resolver([dns_server.address], timeout=PATIENT, cache=False)
     with pytest.raises(ValidationError):
         await check_host(resolver, "mail.example.com", "example.com", "")
 

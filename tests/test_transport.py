@@ -716,7 +716,7 @@ async def test_session_in_unknown_state_is_not_pooled(
         smtp_sink: SmtpSink, make_proxy: MakeProxy, transport: MakeTransport,
         trouble: str) -> None:
     proxy = await make_proxy(smtp_sink)
-    client = transport(timeout=0.5)
+    client = transport(timeout=1.5)  # short for data-timeout, not flaky on CI
     assert (await send(client, proxy.at())).recipients[0].delivered
     if trouble == "data-dropped":
         smtp_sink.drop_next_data = 1

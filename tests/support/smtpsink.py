@@ -76,6 +76,7 @@ class SmtpSink:
         self.drop_next_data = 0
         self.hold_data: threading.Event | None = None
         self.data_held = threading.Event()
+        self.open_sessions = 0  # TCP connections the sink has seen and not yet seen close
         self.greeting_reply: str | None = None
         self.refuse = False
         self.port = 0
@@ -209,6 +210,16 @@ class _SinkSMTP(SMTP):
     def __init__(self, handler: _Handler, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._sink = handler.sink
+
+    def connection_made(self, transport: Any) -> None:
+        with self._sink._lock:
+            self._sink.open_sessions += 1
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        with self._sink._lock:
+            self._sink.open_sessions -= 1
+        super().connection_lost(exc)
 
     async def _handle_client(self) -> None:
         sink = self._sink
