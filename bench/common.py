@@ -110,6 +110,22 @@ def cpu_seconds(pid: int) -> float:
     return total / ticks
 
 
+def cpu_parts(pid: int) -> dict[str, float]:
+    """CPU seconds so far of `pid`'s main thread, of its other threads (the database engine's,
+    the resolver's, blob writers), and of its descendants (the delivery child)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parts = {"main_thread": 0.0, "other_threads": 0.0, "children": 0.0}
+    for p in descendants(pid):
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            with contextlib.suppress(OSError, ValueError):
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                used = (int(fields[11]) + int(fields[12])) / ticks
+                part = ("children" if p != pid else
+                        "main_thread" if task.name == str(pid) else "other_threads")
+                parts[part] += used
+    return parts
+
+
 class Profiler:
     """`py-spy record` of a running server (GIL-holding stacks, raw collapsed format) until
     `stop()`; a no-op, with a note, when py-spy is not installed."""

@@ -152,12 +152,13 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
 
     from inbox.app import create_app
 
-    app = create_app(settings, workers=not args.no_workers)
+    app = create_app(settings, workers=not args.no_workers, settle_heap=True)
     uvicorn.run(app, host=settings.SERVER_BIND_ADDR, port=settings.INBOX_HTTP_PORT,
                 log_level=settings.INBOX_LOG_LEVEL.lower(), access_log=False)
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
+    from inbox import heap
     from inbox.app import build_services, running_workers
 
     async def run() -> None:
@@ -169,6 +170,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
         try:
             # The same workers as `serve` runs (delivery and the daily TLS-RPT job).
             async with running_workers(services, count=args.count):
+                heap.settle()
                 await stop.wait()
         finally:
             await services.db.close()

@@ -17,6 +17,8 @@ import idna
 from inbox.errors import HeaderInjection, InvalidAddress, ValidationError
 
 ATEXT = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-/=?^_`{|}~")
+_ATEXT_CLASS = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_ASCII_DOT_ATOM = re.compile(rf"{_ATEXT_CLASS}(?:\.{_ATEXT_CLASS})*")
 _SPECIALS = frozenset('()<>[]:;@\\,."')
 # Line breaks for anyone (str.splitlines treats \v \f \x1c-\x1e \x85 U+2028/9 as breaks too).
 _BREAKS = re.compile(r"[\r\n\x00\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
@@ -124,6 +126,8 @@ def _split_display(s: str, path: list[str]) -> tuple[str, str]:
 
 
 def _dot_atom_ok(text: str) -> bool:  # RFC 5322 §3.2.3, with RFC 6532 UTF-8
+    if _ASCII_DOT_ATOM.fullmatch(text):  # the common case, without a loop per character
+        return True
     return all(part and all(c in ATEXT or (ord(c) > 127 and _utf8_char_ok(c)) for c in part)
                for part in text.split("."))
 

@@ -267,8 +267,9 @@ async def running_workers(services: Services, count: int = 1) -> AsyncIterator[N
 
 
 def create_app(settings: Settings, *, workers: bool = True, transfer: bool = True,
-               **overrides: Any) -> Any:
-    """The ASGI app: GraphQL at /graphql, health at /healthz; workers run in its lifespan."""
+               settle_heap: bool = False, **overrides: Any) -> Any:
+    """The ASGI app: GraphQL at /graphql, health at /healthz; workers run in its lifespan.
+    `settle_heap` (for `inbox serve`): tune the garbage collector once started (inbox.heap)."""
     from fastapi import FastAPI
 
     from inbox.graphql import graphql_app
@@ -285,6 +286,10 @@ def create_app(settings: Settings, *, workers: bool = True, transfer: bool = Tru
                     await stack.enter_async_context(running_submission(services))
                 if workers:
                     await stack.enter_async_context(running_workers(services))
+                if settle_heap:
+                    from inbox import heap
+
+                    heap.settle()
                 yield
         finally:
             await services.db.close()

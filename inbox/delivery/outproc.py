@@ -189,6 +189,7 @@ class ProcessTransport:
 # -- the child ------------------------------------------------------------------------------
 
 async def _serve() -> None:
+    from inbox import heap
     from inbox.delivery.signing import DkimSigner
     from inbox.delivery.transport import SmtpTransport
 
@@ -203,6 +204,7 @@ async def _serve() -> None:
                         format="%(levelname)s %(name)s[outproc]: %(message)s")
     transport = SmtpTransport(**config)
     signers: dict[tuple[Any, ...], DkimSigner] = {}
+    heap.settle()
     tasks: set[asyncio.Task[None]] = set()
 
     async def deliver(request_id: int, args: tuple[Any, ...]) -> None:
