@@ -26,7 +26,14 @@ from cryptography.hazmat.primitives import serialization
 
 from inbox.delivery.signing import DkimSigner
 from inbox.resolver import Resolver
-from inbox.smtp.dkimcheck import MAX_SIGNATURES, ArcResult, DkimResult, verify_arc, verify_dkim
+from inbox.smtp.dkimcheck import (
+    MAX_SIGNATURES,
+    VERIFY_INLINE_BYTES,
+    ArcResult,
+    DkimResult,
+    verify_arc,
+    verify_dkim,
+)
 from inbox.tenancy.keys import dns_txt_value, generate_dkim_keys
 from tests.support.dnsserver import DnsServer
 from tests.support.fixtures_dns import dns_server, resolver  # noqa: F401
@@ -243,8 +250,10 @@ async def test_body_length_limit_is_policy(dns_server: DnsServer, resolver: Reso
     assert [r.result for r in results] == ["policy"]
 
 
-async def test_messages_we_sign_ourselves_verify(dns_server: DnsServer,
-                                                 resolver: Resolver) -> None:
+@pytest.mark.parametrize("body_lines", [0, VERIFY_INLINE_BYTES // 40 + 1],
+                         ids=["small-on-the-loop", "large-in-a-thread"])
+async def test_messages_we_sign_ourselves_verify(dns_server: DnsServer, resolver: Resolver,
+                                                 body_lines: int) -> None:
     keys = generate_dkim_keys()
     domain = "sender.test"
     dns_server.add_txt(f"rsa1._domainkey.{domain}", dns_txt_value("rsa", keys.rsa_public_b64))
@@ -252,9 +261,15 @@ async def test_messages_we_sign_ourselves_verify(dns_server: DnsServer,
                        dns_txt_value("ed25519", keys.ed25519_public_b64))
     signer = DkimSigner(domain, "rsa1", keys.rsa_private_pem, "ed1", keys.ed25519_private_b64)
     raw = PLAIN.replace(b"joe@example.com", b"joe@sender.test")
+    raw += b"".join(b"line %06d of a long body, to pass the inline limit\r\n" % i
+                    for i in range(body_lines))
+    assert (len(raw) > VERIFY_INLINE_BYTES) == bool(body_lines)
     results = await verify_dkim(signer.sign(raw), resolver)
     assert [(r.result, r.domain, r.selector, r.algorithm) for r in results] == [
         ("pass", domain, "rsa1", "rsa-sha256"), ("pass", domain, "ed1", "ed25519-sha256")]
+    tampered = signer.sign(raw).replace(b"line 000000", b"line 00000O") if body_lines else None
+    if tampered is not None:
+        assert [r.result for r in await verify_dkim(tampered, resolver)] == ["fail", "fail"]
 
 
 # -- ARC ------------------------------------------------------------------------------------
@@ -286,8 +301,11 @@ async def test_arc_one_instance_passes(arc_keys: None, resolver: Resolver) -> No
     assert await verify_arc(sealed, resolver) == ArcResult("pass", 1)
 
 
-async def test_arc_two_instances_pass(arc_keys: None, resolver: Resolver) -> None:
-    sealed = arc_hop(arc_hop(PLAIN, "hop1.test", None), "hop2.test", "pass")
+@pytest.mark.parametrize("extra", [b"", b"a long line of body text\r\n" * 3000],
+                         ids=["small-on-the-loop", "large-in-a-thread"])
+async def test_arc_two_instances_pass(arc_keys: None, resolver: Resolver, extra: bytes) -> None:
+    sealed = arc_hop(arc_hop(PLAIN + extra, "hop1.test", None), "hop2.test", "pass")
+    assert (len(sealed) > VERIFY_INLINE_BYTES) == bool(extra)
     assert sealed.count(b"ARC-Seal:") == 2
     assert await verify_arc(sealed, resolver) == ArcResult("pass", 2)
 

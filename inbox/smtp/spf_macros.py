@@ -18,6 +18,7 @@ MAX_DOMAIN = 253  # RFC 7208 §7.3 (the longest name in text form)
 # RFC 7208 §7.1 ABNF pieces.
 _TOPLABEL = r"(?:[A-Za-z0-9]*[A-Za-z][A-Za-z0-9]*|[A-Za-z0-9]+-[A-Za-z0-9-]*[A-Za-z0-9])"
 _DOMAIN_END = re.compile(rf".*\.{_TOPLABEL}\.?", re.S)
+_TOPLABEL_RE = re.compile(_TOPLABEL)
 _TOKEN = re.compile(
     r"%\{(?P<letter>[A-Za-z])(?P<digits>[0-9]*)(?P<rev>[rR]?)(?P<delims>[.+,/_=-]*)\}"
     r"|%(?P<esc>[%_-])|(?P<lit>[^%]+)|%",
@@ -100,7 +101,7 @@ def valid_domain(domain: str) -> bool:
         len(labels) > 1
         and len(domain) <= MAX_DOMAIN + 1
         and all(LABEL.fullmatch(label) for label in labels)
-        and re.fullmatch(_TOPLABEL, labels[-1]) is not None
+        and _TOPLABEL_RE.fullmatch(labels[-1]) is not None
     )
 
 
