@@ -317,7 +317,7 @@ async def _submit(db: Database, principal: Principal, msg: OutboundMessage | Raw
     try:
         try:
             # Concurrent sends share one engine call, each its own transaction.
-            await db.run_grouped(_STORE, params)
+            await db.run_grouped(_STORE, params, procedure=True)
         except DbThrow as exc:
             if exc.throw_code != "SUPPRESSED":
                 raise

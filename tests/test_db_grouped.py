@@ -9,6 +9,7 @@ import pytest
 
 from inbox.errors import Conflict
 from inbox.storage import Database, DbThrow
+from inbox.storage.db import _procedure
 
 SQL = """BEGIN TRANSACTION;
 IF $n % 3 == 0 { THROW 'MULTIPLE_OF_THREE|' + <string>$n };
@@ -26,9 +27,11 @@ async def db() -> AsyncIterator[Database]:
     await database.close()
 
 
-async def test_each_member_is_its_own_transaction(db: Database) -> None:
-    results = await asyncio.gather(*(db.run_grouped(SQL, {"n": n}) for n in range(40)),
-                                   return_exceptions=True)
+@pytest.mark.parametrize("procedure", [False, True], ids=["text", "stored-function"])
+async def test_each_member_is_its_own_transaction(db: Database, procedure: bool) -> None:
+    results = await asyncio.gather(
+        *(db.run_grouped(SQL, {"n": n}, procedure=procedure) for n in range(40)),
+        return_exceptions=True)
     for n, result in enumerate(results):
         if n % 3 == 0:
             assert isinstance(result, DbThrow) and result.throw_code == "MULTIPLE_OF_THREE"
@@ -61,3 +64,25 @@ async def test_a_group_without_failures_commits_together(db: Database) -> None:
     assert [r["v"] for r in rows] == list(range(1, 31))
     # Members ran in order, each seeing the counter after its own increment.
     assert sorted(r["seen"] for r in rows) == list(range(1, 31))
+
+
+async def test_procedure_is_defined_once_and_called_by_name(db: Database) -> None:
+    await db.run_procedure(SQL, {"n": 1})
+    await db.run_procedure(SQL, {"n": 2})
+    with pytest.raises(DbThrow, match="MULTIPLE_OF_THREE"):
+        await db.run_procedure(SQL, {"n": 3})
+    assert await db.one("SELECT VALUE v FROM item ORDER BY v") == [1, 2]
+    functions = (await db.one("INFO FOR DB"))["functions"]
+    assert len([f for f in functions if f.startswith("inbox_txn_")]) == 1
+
+
+def test_procedure_parameters_and_refusals() -> None:
+    proc = _procedure("BEGIN TRANSACTION; LET $x = $a + 1; FOR $i IN $list { CREATE t SET v = $i,"
+                      " w = $x, at = $now } ; UPDATE t SET seen = $value RETURN NONE;"
+                      " COMMIT TRANSACTION;")
+    assert proc is not None
+    assert proc.call.endswith("($a, $list, $now); COMMIT TRANSACTION;")  # not $x, $i, $value
+    # A RETURN statement would end a function early: such a text stays text.
+    assert _procedure("BEGIN TRANSACTION; UPSERT c:1 SET n += 1; RETURN 1; COMMIT TRANSACTION;"
+                      ) is None
+    assert _procedure("SELECT * FROM t;") is None  # not a transaction

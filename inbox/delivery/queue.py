@@ -183,7 +183,7 @@ class Queue:
         lost: set[str] = set()
         while outcomes:
             try:
-                await self.db.run(_COMPLETE, self._batch(outcomes, owner, now))
+                await self.db.run_procedure(_COMPLETE, self._batch(outcomes, owner, now))
             except DbThrow as exc:
                 if exc.throw_code != "LOST":
                     raise

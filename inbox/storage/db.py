@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import logging
 import os
 import re
@@ -106,6 +107,7 @@ class Database:
         self._lock = asyncio.Lock()
         self._dir_lock: DataDirLock | None = None
         self._groups: dict[str, _Group] = {}
+        self._procedures: dict[str, str] = {}  # transaction text -> the call that runs it
         self.embedded = not url.startswith(("ws://", "wss://", "http://", "https://"))
 
     async def connect(self) -> None:
@@ -173,7 +175,8 @@ class Database:
             raise StorageUnavailable(f"database error: {raw['error']}")
         return dict(raw)
 
-    async def run_grouped(self, sql: str, params: Mapping[str, Any]) -> list[Any]:
+    async def run_grouped(self, sql: str, params: Mapping[str, Any], *,
+                          procedure: bool = False) -> list[Any]:
         """`run` for one self-contained transaction (BEGIN … COMMIT), grouped with concurrent
         calls of the same `sql` into one engine call, with each caller's own results and
         errors, as `run` gives them. The group first runs as one transaction (one commit);
@@ -183,7 +186,12 @@ class Database:
         Callers arriving while a group is in flight form the next group (up to GROUP_MAX).
         Parameters are renamed per member (`$x` becomes `$x__3`), so `sql` must not rely on
         SurrealQL's built-in variables other than those in `_BUILTIN_VARS`.
+
+        `procedure=True` (for callers that need no statement results): the transaction runs as
+        a stored function (see `run_procedure`), and the result is one NONE.
         """
+        if procedure:
+            sql = await self._procedure_call(sql)
         group = self._groups.get(sql)
         if group is None:
             group = self._groups[sql] = _Group()
@@ -192,6 +200,31 @@ class Database:
         if group.flusher is None or group.flusher.done():
             group.flusher = asyncio.ensure_future(self._flush_group(sql, group))
         return await future
+
+    async def run_procedure(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
+        """`run` for a self-contained transaction (BEGIN … COMMIT) whose statement results the
+        caller does not need. Its body is defined once as a stored function (DEFINE FUNCTION,
+        named after the text's hash, so instances running other versions never overwrite it)
+        and each call sends a one-line call instead of the text. The engine parses a group
+        commit of ten members' transaction texts in ~4 ms more than ten calls (measured with
+        submission's store): parsing, not writing, was most of a small transaction's cost.
+        Errors (THROW, conflicts) are raised exactly as `run` raises them."""
+        await self.run(await self._procedure_call(sql), params)
+
+    async def _procedure_call(self, sql: str) -> str:
+        call = self._procedures.get(sql)
+        if call is None:
+            proc = _procedure(sql)
+            call = sql
+            if proc is not None:
+                try:
+                    await self.run(proc.define)
+                    call = proc.call
+                except InboxError as exc:  # e.g. a server user without the right to define
+                    log.warning("running a transaction as text (cannot define %s: %s)",
+                                proc.name, exc)
+            self._procedures[sql] = call
+        return call
 
     async def _flush_group(self, sql: str, group: _Group) -> None:
         while group.pending:
@@ -267,6 +300,37 @@ _TXN = re.compile(r"^\s*BEGIN TRANSACTION;(.*)COMMIT TRANSACTION;\s*$", re.S | r
 def _rename(match: re.Match[str], index: int) -> str:
     name = match.group(1)
     return match.group(0) if name in _BUILTIN_VARS else f"${name}__{index}"
+
+
+_LOCAL_VAR = re.compile(r"\b(?:LET|FOR)\s+\$([A-Za-z_][A-Za-z0-9_]*)", re.I)
+_RETURN_STATEMENT = re.compile(r"(?:^|[;{])\s*RETURN\b", re.I)
+
+
+@dataclass(frozen=True)
+class _Procedure:
+    name: str
+    define: str
+    call: str
+
+
+def _procedure(sql: str) -> _Procedure | None:
+    """The stored-function form of a BEGIN … COMMIT text: its parameters are the variables it
+    reads but does not bind itself (LET, FOR) and that SurrealQL does not provide. None when
+    the text is not one transaction, or has a RETURN statement (which would end a function
+    early instead of giving a result)."""
+    match = _TXN.match(sql)
+    if match is None or _RETURN_STATEMENT.search(match.group(1)):
+        return None
+    body = match.group(1)
+    params = sorted(set(_VAR.findall(body)) - _BUILTIN_VARS - set(_LOCAL_VAR.findall(body)))
+    name = "fn::inbox_txn_" + hashlib.sha256(sql.encode()).hexdigest()[:16]
+    return _Procedure(
+        name=name,
+        define=(f"DEFINE FUNCTION OVERWRITE {name}("
+                + ", ".join(f"${p}: any" for p in params) + ") {" + body + "};"),
+        call=("BEGIN TRANSACTION; " + name + "(" + ", ".join(f"${p}" for p in params)
+              + "); COMMIT TRANSACTION;"),
+    )
 
 
 @dataclass
