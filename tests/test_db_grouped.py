@@ -86,3 +86,43 @@ def test_procedure_parameters_and_refusals() -> None:
     assert _procedure("BEGIN TRANSACTION; UPSERT c:1 SET n += 1; RETURN 1; COMMIT TRANSACTION;"
                       ) is None
     assert _procedure("SELECT * FROM t;") is None  # not a transaction
+
+
+async def test_different_procedures_commit_together_yet_fail_alone(db: Database) -> None:
+    other = """BEGIN TRANSACTION;
+IF $tag == 'bad' { THROW 'BAD_TAG|' + $tag };
+CREATE type::thing('note', $tag) SET tag = $tag RETURN NONE;
+COMMIT TRANSACTION;"""
+    # Define both functions first, so that only the grouped calls are counted below.
+    await db.run_grouped(SQL, {"n": 100}, procedure=True)
+    await db.run_grouped(other, {"tag": "first"}, procedure=True)
+    calls: list[str] = []
+    query = db._query
+
+    async def counting(sql: str, params: object) -> dict[str, object]:
+        calls.append(sql)
+        return await query(sql, params)  # type: ignore[arg-type]
+
+    db._query = counting  # type: ignore[method-assign]
+    ok = [db.run_grouped(SQL, {"n": n}, procedure=True) for n in (1, 2, 4, 5)]
+    notes = [db.run_grouped(other, {"tag": t}, procedure=True) for t in ("a", "b", "c")]
+    results = await asyncio.gather(*ok, *notes)
+    assert all(r == [None] for r in results), results
+    # All seven, of two different functions, share one engine call and ONE transaction.
+    assert len(calls) == 1 and calls[0].count("fn::inbox_txn_") == 7
+    assert calls[0].count("BEGIN TRANSACTION") == 1
+    assert await db.one("SELECT VALUE tag FROM note ORDER BY tag") == ["a", "b", "c", "first"]
+
+    # A THROW in one function's member rolls back the shared attempt; every member then runs
+    # as its own transaction, so only the thrower fails.
+    calls.clear()
+    mixed = await asyncio.gather(
+        db.run_grouped(SQL, {"n": 7}, procedure=True),
+        db.run_grouped(other, {"tag": "bad"}, procedure=True),
+        db.run_grouped(SQL, {"n": 8}, procedure=True),
+        db.run_grouped(other, {"tag": "d"}, procedure=True),
+        return_exceptions=True)
+    assert mixed[0] == [None] and mixed[2] == [None] and mixed[3] == [None]
+    assert isinstance(mixed[1], DbThrow) and mixed[1].throw_code == "BAD_TAG"
+    assert await db.one("SELECT VALUE v FROM item WHERE v IN [7, 8] ORDER BY v") == [7, 8]
+    assert await db.one("SELECT VALUE tag FROM note WHERE tag IN ['bad', 'd']") == ["d"]

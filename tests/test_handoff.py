@@ -131,3 +131,50 @@ async def test_a_refused_send_gives_the_room_back(services: Any, dns_server: Any
     assert handoff.reserved(worker) == 0
     assert len(worker.taken) == 3
     assert await services.db.one("SELECT VALUE id FROM job WHERE status = 'queued'") == []
+
+
+async def test_a_slow_result_write_does_not_hold_a_delivery_slot(
+        tmp_path: Any, dns_server: Any, smtp_sink: Any) -> None:
+    settings = make_settings(tmp_path, dns_server, INBOX_DB_SYNC="false",
+                             SMTP_OUTBOUND_PORT=smtp_sink.port, SMTP_OUTBOUND_CONCURRENCY=1,
+                             SMTP_OUTBOUND_QUEUE_POLL_SECS="60")
+    services = await build_services(settings)
+    tenant = await make_tenant(services, dns_server)
+    route_to_sink(dns_server, "dest.test")
+    worker = services.worker()
+    gate = asyncio.Event()
+    complete = worker._completer.complete
+
+    async def held(outcome: Any) -> bool:  # the result write waits until the gate opens
+        await gate.wait()
+        return await complete(outcome)
+
+    worker._completer.complete = held  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    run = asyncio.create_task(worker.run(stop))
+    try:
+        await asyncio.sleep(0.3)  # the first lease finds the queue empty
+        first = await _send(services, tenant, ["u1@dest.test"], services.handoff)
+        await asyncio.wait_for(smtp_sink.wait_for(1), 10)
+        for _ in range(100):  # the attempt is over; its write is held at the gate
+            if worker.room() == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert worker.room() == 1
+        second = await _send(services, tenant, ["u2@dest.test"], services.handoff)
+        await asyncio.wait_for(smtp_sink.wait_for(2), 10)
+        assert (services.handoff.handed, services.handoff.stored_queued) == (2, 0)
+        gate.set()
+        for _ in range(200):
+            statuses = [await services.db.one(
+                "SELECT VALUE status FROM ONLY type::thing('message', $id)", {"id": m["id"]})
+                for m in (first, second)]
+            if statuses == ["DELIVERED", "DELIVERED"]:
+                break
+            await asyncio.sleep(0.05)
+        assert statuses == ["DELIVERED", "DELIVERED"]
+    finally:
+        gate.set()
+        stop.set()
+        await run
+        await services.db.close()

@@ -183,7 +183,8 @@ class Queue:
         lost: set[str] = set()
         while outcomes:
             try:
-                await self.db.run_procedure(_COMPLETE, self._batch(outcomes, owner, now))
+                await self.db.run_grouped(_COMPLETE, self._batch(outcomes, owner, now),
+                                        procedure=True)
             except DbThrow as exc:
                 if exc.throw_code != "LOST":
                     raise

@@ -72,6 +72,10 @@ class DeliveryWorker:
         self.wakeup = wakeup or asyncio.Event()
         self.name = name or worker_name()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Jobs holding a delivery slot: from start until their attempt has a result. Writing
+        # the result (group-committed by the Completer) does not hold one, so a slow commit
+        # does not keep new mail from going straight out.
+        self._delivering: set[asyncio.Task[None]] = set()
         self._completer = Completer(queue, self.name, clock)
         self._next_cleanup = 0.0
         self.tls_planner = tls_planner
@@ -91,7 +95,7 @@ class DeliveryWorker:
         in turn until a lease finds the queue drained."""
         if self._stopping or self._backlog:
             return 0
-        return self.settings.SMTP_OUTBOUND_CONCURRENCY - len(self._tasks)
+        return self.settings.SMTP_OUTBOUND_CONCURRENCY - len(self._delivering)
 
     def take(self, handed: list[Handed]) -> None:
         """Start jobs committed with our lease. While stopping they are left to the final
@@ -104,6 +108,7 @@ class DeliveryWorker:
     def _start(self, job: dict[str, Any], loaded: Loaded | None) -> None:
         task = asyncio.create_task(self._guarded(job, loaded))
         self._tasks.add(task)
+        self._delivering.add(task)
         task.add_done_callback(self._task_done)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -116,7 +121,7 @@ class DeliveryWorker:
         try:
             while not stop.is_set():
                 leased = 0
-                free = limit - len(self._tasks) - (
+                free = limit - len(self._delivering) - (
                     self.handoff.reserved(self) if self.handoff is not None else 0)
                 asked = min(free, s.SMTP_OUTBOUND_QUEUE_BATCH_SIZE)
                 if free <= 0:
@@ -157,8 +162,13 @@ class DeliveryWorker:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if self._backlog:
-            self.wakeup.set()  # a slot is free and queued work may be waiting
+        self._slot_free(task)
+
+    def _slot_free(self, task: asyncio.Task[Any] | None) -> None:
+        if task in self._delivering:
+            self._delivering.discard(task)  # type: ignore[arg-type]
+            if self._backlog:
+                self.wakeup.set()  # a slot is free and queued work may be waiting
 
     async def _shutdown(self) -> None:
         self._stopping = True
@@ -207,7 +217,10 @@ class DeliveryWorker:
                 await self._completer.complete(JobOutcome(job))
                 return
             addresses = [r["address"] for r in rcpts]
-            result = await self._attempt(job, message, raw, addresses)
+            try:
+                result = await self._attempt(job, message, raw, addresses)
+            finally:
+                self._slot_free(asyncio.current_task())
             outcome = self._decide(job, rcpts, result)
             if result.host is not None or result.tls_reports or result.mx is not None:
                 # A failed attempt names the host it ended with (and its policy and reason),

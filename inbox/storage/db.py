@@ -178,27 +178,33 @@ class Database:
     async def run_grouped(self, sql: str, params: Mapping[str, Any], *,
                           procedure: bool = False) -> list[Any]:
         """`run` for one self-contained transaction (BEGIN … COMMIT), grouped with concurrent
-        calls of the same `sql` into one engine call, with each caller's own results and
-        errors, as `run` gives them. The group first runs as one transaction (one commit);
-        if anything in it fails, it is rolled back and each member runs as its own
-        transaction, so a THROW or a conflict fails only its own caller.
+        calls into one engine call, with each caller's own results and errors, as `run` gives
+        them. The group first runs as one transaction (one commit); if anything in it fails,
+        it is rolled back and each member runs as its own transaction, so a THROW or a
+        conflict fails only its own caller.
 
         Callers arriving while a group is in flight form the next group (up to GROUP_MAX).
         Parameters are renamed per member (`$x` becomes `$x__3`), so `sql` must not rely on
         SurrealQL's built-in variables other than those in `_BUILTIN_VARS`.
 
         `procedure=True` (for callers that need no statement results): the transaction runs as
-        a stored function (see `run_procedure`), and the result is one NONE.
+        a stored function (see `run_procedure`), and the result is one NONE. Procedure calls
+        of *different* texts share one group: a send's store and a batch of delivery results
+        that arrive together commit together. Commits, not rows, are what the engine's
+        serialised gateway spends its time on under load (an fsync each).
         """
+        key = sql
         if procedure:
-            sql = await self._procedure_call(sql)
-        group = self._groups.get(sql)
+            call = await self._procedure_call(sql)
+            key = _PROCEDURES if call != sql else call  # not when it fell back to the text
+            sql = call
+        group = self._groups.get(key)
         if group is None:
-            group = self._groups[sql] = _Group()
+            group = self._groups[key] = _Group()
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        group.pending.append((dict(params), future))
+        group.pending.append((sql, dict(params), future))
         if group.flusher is None or group.flusher.done():
-            group.flusher = asyncio.ensure_future(self._flush_group(sql, group))
+            group.flusher = asyncio.ensure_future(self._flush_group(group))
         return await future
 
     async def run_procedure(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
@@ -226,14 +232,15 @@ class Database:
             self._procedures[sql] = call
         return call
 
-    async def _flush_group(self, sql: str, group: _Group) -> None:
+    async def _flush_group(self, group: _Group) -> None:
         while group.pending:
             batch, group.pending = group.pending[:GROUP_MAX], group.pending[GROUP_MAX:]
             if len(batch) == 1:
-                await _settle(batch[0][1], self.run(sql, batch[0][0]))
+                sql, params, future = batch[0]
+                await _settle(future, self.run(sql, params))
                 continue
             texts, merged = [], {}
-            for index, (params, _) in enumerate(batch):
+            for index, (sql, params, _) in enumerate(batch):
                 texts.append(_VAR.sub(lambda m, i=index: _rename(m, i), sql))
                 merged.update({f"{k}__{index}": v for k, v in params.items()})
             inner = [_TXN.match(text) for text in texts]
@@ -249,25 +256,25 @@ class Database:
                 if results and len(results) % len(batch) == 0 and all(
                         r.get("status") == "OK" for r in results):
                     size = len(results) // len(batch)
-                    for index, (_, future) in enumerate(batch):
+                    for index, (_, _, future) in enumerate(batch):
                         block = results[index * size:(index + 1) * size]
                         await _settle(future, _async(_checked, block))
                     continue
             try:
                 results = (await self._query("\n".join(texts), merged)).get("result") or []
             except InboxError as exc:
-                for _, future in batch:
+                for _, _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
             if len(results) % len(batch):  # not one block per member: run them one by one
                 log.error("grouped statement gave %d results for %d members",
                           len(results), len(batch))
-                for params, future in batch:
+                for sql, params, future in batch:
                     await _settle(future, self.run(sql, params))
                 continue
             size = len(results) // len(batch)
-            for index, (_, future) in enumerate(batch):
+            for index, (_, _, future) in enumerate(batch):
                 await _settle(future, _async(_checked, results[index * size:(index + 1) * size]))
 
     async def _embedded_query(self, sql: str, params: dict[str, Any]) -> Any:
@@ -333,9 +340,15 @@ def _procedure(sql: str) -> _Procedure | None:
     )
 
 
+# The group of every stored-function call (run_grouped with procedure=True): each member's text
+# is `BEGIN TRANSACTION; fn::…(…); COMMIT TRANSACTION;`, so each gives the same number of
+# statement results, whichever function it calls.
+_PROCEDURES = "\0procedures"
+
+
 @dataclass
 class _Group:
-    pending: list[tuple[dict[str, Any], asyncio.Future[list[Any]]]] = field(
+    pending: list[tuple[str, dict[str, Any], asyncio.Future[list[Any]]]] = field(
         default_factory=list)
     flusher: asyncio.Future[None] | None = None
 
