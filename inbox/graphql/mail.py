@@ -318,7 +318,7 @@ class MailSubscription:
             p = await info.context.principal("read")
             await mbx.get_mailbox(services.db, p.org, str(mailbox))
         except InboxError as exc:
-            # The ErrorCodes extension does not see subscription results: add the code here.
+            # The ErrorPolicy extension does not see subscription results: add the code here.
             raise GraphQLError(exc.message, extensions={"code": exc.code,
                                                         "field": exc.field}) from None
         async with services.pubsub.subscribe(_inbound_topic(p.org, str(mailbox))) as queue:

@@ -10,7 +10,7 @@ from typing import Annotated, Any, TypeVar
 
 import strawberry
 from graphql import GraphQLError
-from strawberry.extensions import MaskErrors, SchemaExtension
+from strawberry.extensions import SchemaExtension
 from strawberry.scalars import JSON
 
 from inbox import tenancy
@@ -302,17 +302,38 @@ def _should_mask(error: Any) -> bool:
     return original is not None and not isinstance(original, (InboxError, GraphQLError))
 
 
-class ErrorCodes(SchemaExtension):
-    """Puts our stable error code (and field) into `extensions` of GraphQL errors."""
+class ErrorPolicy(SchemaExtension):
+    """Our stable error code (and field) in `extensions` of GraphQL errors from InboxError;
+    any other unexpected error masked ("Unexpected error.", as strawberry's MaskErrors does).
+    One extension with plain attribute checks: MaskErrors' runtime-checked Protocol
+    `isinstance` and a second extension's hooks cost ~0.15 ms of the event loop per request."""
 
     def on_execute(self) -> Iterator[None]:
         yield
+        self._process(self.execution_context.result)
+
+    def on_operation(self) -> Iterator[None]:
+        yield
         result = self.execution_context.result
-        for err in (result.errors if result else None) or []:
+        self._process(getattr(result, "initial_result", None) or result)
+
+    @staticmethod
+    def _process(result: Any) -> None:
+        errors = getattr(result, "errors", None)
+        if not errors:
+            return
+        out = []
+        for err in errors:
             original = err.original_error
             if isinstance(original, InboxError):
                 err.extensions = {**(err.extensions or {}), "code": original.code,
                                   "field": original.field}
+            elif _should_mask(err):
+                err = GraphQLError(message="Unexpected error.", nodes=err.nodes,
+                                   source=err.source, positions=err.positions, path=err.path,
+                                   original_error=None)
+            out.append(err)
+        result.errors = out
 
 
 class InboxSchema(strawberry.Schema):
@@ -340,6 +361,5 @@ def build_schema() -> strawberry.Schema:
         query=merge_types("Query", (Query, MailQuery, SmtpCredentialQuery)),
         mutation=merge_types("Mutation", (Mutation, MailMutation, SmtpCredentialMutation)),
         subscription=merge_types("Subscription", (MailSubscription,)),
-        extensions=[lambda: document_cache,
-                    lambda: MaskErrors(should_mask_error=_should_mask), ErrorCodes],
+        extensions=[lambda: document_cache, ErrorPolicy],
     )
