@@ -225,3 +225,25 @@ async def test_lease_takes_the_oldest_due_jobs_first(open_services: Any, dns_ser
     second = await services.queue.lease("w1", 10, 30, now)
     assert [j["id"] for j in first] == order[:2]
     assert [j["id"] for j in second] == order[2:]
+
+
+async def test_unread_indexes_are_dropped_and_release_still_uses_one(open_services: Any) -> None:
+    from inbox.storage.schema import migrate
+
+    services = await open_services()
+    db = services.db
+    # A database from before: the indexes nothing reads.
+    await db.run("DEFINE INDEX job_owner ON job FIELDS owner;"
+                 " DEFINE INDEX event_at ON event FIELDS at;")
+    await migrate(db)
+    assert set((await db.one("INFO FOR TABLE job"))["indexes"]) == {
+        "job_due", "job_lease", "job_message"}
+    assert set((await db.one("INFO FOR TABLE event"))["indexes"]) == {"event_message"}
+    # Releasing a worker's leases reads the 'processing' range of an index, not the table.
+    plan = await db.one("SELECT id FROM job WHERE owner = $owner AND status = 'processing'"
+                        " EXPLAIN", {"owner": "w1"})
+    assert plan[0]["operation"] == "Iterate Index", plan
+    await db.run("CREATE job:a SET status = 'processing', owner = 'w1', attempts = 1;"
+                 " CREATE job:b SET status = 'processing', owner = 'w2', attempts = 1;")
+    assert await services.queue.release("w1") == 1
+    assert await db.one("SELECT VALUE status FROM [job:a, job:b]") == ["queued", "processing"]

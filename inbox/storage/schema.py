@@ -28,12 +28,14 @@ DEFINE INDEX IF NOT EXISTS recipient_message ON recipient FIELDS message;
 DEFINE INDEX IF NOT EXISTS recipient_job ON recipient FIELDS job;
 DEFINE TABLE IF NOT EXISTS job SCHEMALESS;
 DEFINE INDEX IF NOT EXISTS job_due ON job FIELDS status, due;
-DEFINE INDEX IF NOT EXISTS job_owner ON job FIELDS owner;
 DEFINE INDEX IF NOT EXISTS job_lease ON job FIELDS status, lease_until;
 DEFINE INDEX IF NOT EXISTS job_message ON job FIELDS message;
 DEFINE TABLE IF NOT EXISTS event SCHEMALESS;
 DEFINE INDEX IF NOT EXISTS event_message ON event FIELDS message;
-DEFINE INDEX IF NOT EXISTS event_at ON event FIELDS at;
+-- Unread indexes only cost writes (a job's owner changes twice per delivery; releasing a
+-- worker's leases scans job_due's 'processing' prefix instead). Dropped from older databases.
+REMOVE INDEX IF EXISTS job_owner ON job;
+REMOVE INDEX IF EXISTS event_at ON event;
 DEFINE TABLE IF NOT EXISTS suppression SCHEMALESS;
 DEFINE INDEX IF NOT EXISTS suppression_org ON suppression FIELDS org, created_at;
 DEFINE TABLE IF NOT EXISTS idempotency SCHEMALESS;
