@@ -97,6 +97,9 @@ def _window_end(now: datetime, hours: int) -> datetime:
 
 # One transaction: idempotency, quotas (fixed windows, counted in recipients), then the rows.
 # THROW 'CODE|detail' rolls everything back and surfaces as DbThrow.
+# A domain's counters are one record (one write per send): the current hour and day (keys
+# that sort in time, so a caller whose clock is behind counts into the newer window instead
+# of resetting it) with their counts, and the jobs still queued (delivery/queue.py subtracts).
 _STORE = """
 BEGIN TRANSACTION;
 IF $idem_id != NONE {
@@ -111,15 +114,16 @@ IF array::len($supp_ids) > 0 {
   IF array::len($supp) > 0 { THROW 'SUPPRESSED|' };
 };
 IF $count > 0 {
-  LET $h = (UPSERT type::thing('quota_counter', [$domain, 'hour', $hour]) SET n += $count
-            RETURN AFTER)[0].n;
-  IF $hourly_limit != NONE AND $h > $hourly_limit { THROW 'QUOTA|hourly_send_limit' };
-  LET $d = (UPSERT type::thing('quota_counter', [$domain, 'day', $day]) SET n += $count
-            RETURN AFTER)[0].n;
-  IF $daily_limit != NONE AND $d > $daily_limit { THROW 'QUOTA|daily_send_limit' };
-  LET $q = (UPSERT type::thing('quota_counter', [$domain, 'queued', 0]) SET n += $jobcount
-            RETURN AFTER)[0].n;
-  IF $max_queued != NONE AND $q > $max_queued { THROW 'QUOTA|max_queued_jobs' };
+  LET $c = (UPSERT type::thing('quota_counter', [$domain, 'send']) SET
+    hour_n = IF hour >= $hour THEN hour_n + $count ELSE $count END,
+    hour = IF hour >= $hour THEN hour ELSE $hour END,
+    day_n = IF day >= $day THEN day_n + $count ELSE $count END,
+    day = IF day >= $day THEN day ELSE $day END,
+    queued = (queued OR 0) + $jobcount
+    RETURN AFTER)[0];
+  IF $hourly_limit != NONE AND $c.hour_n > $hourly_limit { THROW 'QUOTA|hourly_send_limit' };
+  IF $daily_limit != NONE AND $c.day_n > $daily_limit { THROW 'QUOTA|daily_send_limit' };
+  IF $max_queued != NONE AND $c.queued > $max_queued { THROW 'QUOTA|max_queued_jobs' };
 };
 CREATE type::thing('message', $message.id) CONTENT $message RETURN NONE;
 CREATE type::thing('message_raw', $message.id) SET org = $message.org, raw = $raw

@@ -66,7 +66,8 @@ IF array::len($dead) > 0 {
     RETURN NONE;
 };
 FOR $q IN $unqueue {
-  UPSERT type::thing('quota_counter', [$q.domain, 'queued', 0]) SET n -= $q.n RETURN NONE;
+  UPSERT type::thing('quota_counter', [$q.domain, 'send']) SET queued = (queued OR 0) - $q.n
+    RETURN NONE;
 };
 FOR $m IN $known {
   UPDATE type::thing('message', $m.id) SET status = $m.status, updated_at = $now RETURN NONE;

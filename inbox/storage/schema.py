@@ -6,7 +6,7 @@ same transaction that changes them, so concurrent jobs of one message cannot rac
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from inbox.storage.db import Database
@@ -77,3 +77,44 @@ DEFINE INDEX IF NOT EXISTS mta_sts_policy_expiry ON mta_sts_policy FIELDS expire
 
 async def migrate(db: Database) -> None:
     await db.run(SCHEMA)
+    await _fold_quota_counters(db)
+
+
+# Before session 6 a domain's quota counters were three records per window:
+# [domain, 'hour', 'YYYYMMDDHH'], [domain, 'day', 'YYYYMMDD'] and [domain, 'queued', 0].
+_FOLD = """
+BEGIN TRANSACTION;
+FOR $f IN $folds {
+  UPSERT type::thing('quota_counter', [$f.domain, 'send']) SET
+    hour_n = IF hour > $f.hour THEN hour_n ELSE IF hour = $f.hour THEN hour_n + $f.hour_n
+             ELSE $f.hour_n END,
+    hour = IF hour > $f.hour THEN hour ELSE $f.hour END,
+    day_n = IF day > $f.day THEN day_n ELSE IF day = $f.day THEN day_n + $f.day_n
+            ELSE $f.day_n END,
+    day = IF day > $f.day THEN day ELSE $f.day END,
+    queued = (queued OR 0) + $f.queued
+    RETURN NONE;
+};
+FOR $key IN $old { DELETE type::thing('quota_counter', $key) };
+COMMIT TRANSACTION;
+"""
+
+
+async def _fold_quota_counters(db: Database) -> None:
+    """Counters of the old three-record form become the one-record form, in one transaction
+    (so a second instance migrating at the same time cannot count them twice)."""
+    rows = await db.one("SELECT meta::id(id) AS key, n FROM quota_counter"
+                        " WHERE array::len(meta::id(id)) = 3")
+    if not rows:
+        return
+    folds: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        domain, kind, window = row["key"]
+        fold = folds.setdefault(domain, {"domain": domain, "hour": "", "hour_n": 0,
+                                         "day": "", "day_n": 0, "queued": 0})
+        n = int(row.get("n") or 0)
+        if kind == "queued":
+            fold["queued"] += n
+        elif kind in ("hour", "day") and str(window) >= fold[kind]:
+            fold[kind], fold[f"{kind}_n"] = str(window), n
+    await db.run(_FOLD, {"folds": list(folds.values()), "old": [r["key"] for r in rows]})
