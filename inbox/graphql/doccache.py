@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
-from graphql import GraphQLError
+from graphql import DocumentNode, GraphQLError
 from graphql.language.parser import parse
 from strawberry.extensions import SchemaExtension
 from strawberry.schema.schema import validate_document
@@ -69,6 +69,6 @@ class DocumentCache(SchemaExtension):
 class _Entry:
     __slots__ = ("document", "errors")
 
-    def __init__(self, document: Any) -> None:
+    def __init__(self, document: DocumentNode) -> None:
         self.document = document
         self.errors: list[GraphQLError] | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -241,7 +242,7 @@ class Database:
                 continue
             texts, merged = [], {}
             for index, (sql, params, _) in enumerate(batch):
-                texts.append(_VAR.sub(lambda m, i=index: _rename(m, i), sql))
+                texts.append(_VAR.sub(functools.partial(_rename, index=index), sql))
                 merged.update({f"{k}__{index}": v for k, v in params.items()})
             inner = [_TXN.match(text) for text in texts]
             if all(inner):
