@@ -39,7 +39,11 @@ async def test_send_delivers_signed_message(stack: Stack, smtp_sink: Any) -> Non
     assert all(r["attempts"] == 1 and r["lastResponse"].startswith("250")
                for r in msg["recipients"])
     types = [e["type"] for e in msg["events"]]
-    assert types.count("DELIVERED") == 2 and "QUEUED" in types
+    assert types[0] == "QUEUED" and types.count("DELIVERED") == 2 and types.count("QUEUED") == 1
+    assert msg["events"][0]["detail"] == "1 delivery job(s) via graphql"
+    # The QUEUED event is kept on the message row, not as an event row of its own.
+    assert await stack.services.db.one("SELECT VALUE type FROM event WHERE message = $m",
+                                       {"m": msg_id}) == ["DELIVERED", "DELIVERED"]
     assert msg["tags"] == ["welcome"] and msg["metadata"] == {"user": "42"}
 
     await smtp_sink.wait_for(1)

@@ -146,6 +146,8 @@ class Message:
     tags: list[str]
     metadata: JSON
     size: int
+    # The QUEUED event, kept on the message row rather than as an event row (submission.py).
+    queued_detail: strawberry.Private[str | None] = None
 
     @strawberry.field
     async def recipients(self, info: strawberry.Info) -> list[Recipient]:
@@ -157,9 +159,13 @@ class Message:
     @strawberry.field
     async def events(self, info: strawberry.Info) -> list[MessageEvent]:
         rows = await info.context.load_events(str(self.id))
-        return [MessageEvent(type=r["type"], at=r["at"], recipient=r.get("recipient"),
-                             detail=r.get("detail"), tls=TlsInfo.of(r.get("tls")))
-                for r in rows]
+        events = [MessageEvent(type=r["type"], at=r["at"], recipient=r.get("recipient"),
+                               detail=r.get("detail"), tls=TlsInfo.of(r.get("tls")))
+                  for r in rows]
+        if self.queued_detail is not None:
+            events.insert(0, MessageEvent(type="QUEUED", at=self.created_at, recipient=None,
+                                          detail=self.queued_detail))
+        return events
 
     @classmethod
     def of(cls, row: dict[str, Any]) -> Message:
@@ -168,7 +174,7 @@ class Message:
                    subject=row["subject"], status=MessageStatus(row["status"]),
                    created_at=row["created_at"], updated_at=row["updated_at"],
                    tags=row.get("tags") or [], metadata=row.get("metadata") or {},  # type: ignore[arg-type]
-                   size=row.get("size", 0))
+                   size=row.get("size", 0), queued_detail=row.get("queued_detail"))
 
 
 @strawberry.type
