@@ -36,6 +36,7 @@ from inbox.message import (
     validate,
 )
 from inbox.storage import Database, DbThrow, new_id
+from inbox.storage.schema import list_key
 from inbox.tenancy import Principal, TenantCache, effective_quotas
 
 tracer = trace.get_tracer("inbox.submission")
@@ -274,8 +275,8 @@ async def _submit(db: Database, principal: Principal, msg: OutboundMessage | Raw
             "message_id": message_id_header, "from": from_header,
             "envelope_from": envelope_from.addr_spec, "to": to, "cc": cc, "subject": subject,
             "status": "SUPPRESSED" if "QUEUED" not in statuses else "QUEUED",
-            "created_at": now, "updated_at": now, "tags": opts.tags,
-            "metadata": opts.metadata, "source": opts.source, "size": len(raw),
+            "list_key": list_key(message_id), "created_at": now, "updated_at": now,
+            "tags": opts.tags, "metadata": opts.metadata, "source": opts.source, "size": len(raw),
             "smtputf8": smtputf8, "idempotency_key": opts.idempotency_key,
             "require_tls": opts.require_tls, "dsn_ret": dsn_ret, "dsn_envid": dsn_envid,
             # The QUEUED event (at created_at): one row fewer per send than an event row.

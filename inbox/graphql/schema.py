@@ -72,6 +72,12 @@ async def _message_row(info: strawberry.Info, org: str, message_id: str) -> dict
     return row or None
 
 
+def message_list_sql(by_status: bool) -> str:
+    """A page of an organization's messages after list key $key, newest first."""
+    status = " AND status = $status" if by_status else ""
+    return f"SELECT * FROM message WHERE org = $org AND list_key > $key{status} LIMIT $limit"
+
+
 def _attachments(items: list[AttachmentInput] | None) -> list[Attachment]:
     out = []
     for i, att in enumerate(items or []):
@@ -117,22 +123,20 @@ class Query:
         p = await info.context.principal("read")
         size = _page_size(first)
         db = info.context.services.db
-        # Only conditions that apply, so the (org, created_at) index bounds the scan.
-        where = ["org = $org"]
-        params: dict[str, Any] = {"org": p.org, "limit": size + 1}
+        # An index range in list order (newest first) that stops at the LIMIT: no ORDER BY,
+        # which would make the engine read and sort every message of the organization.
+        params: dict[str, Any] = {"org": p.org, "limit": size + 1, "key": ""}
         if status is not None:
-            where.append("status = $status")
             params["status"] = status.value
         if after:
             cursor = await db.one(
-                "SELECT VALUE created_at FROM ONLY type::thing('message', $id) WHERE org = $org",
+                "SELECT VALUE list_key FROM ONLY type::thing('message', $id) WHERE org = $org",
                 {"id": after, "org": p.org})
             if not cursor:
                 raise ValidationError("after is not a cursor of this list", field=["after"])
-            where.append("created_at <= $at AND (created_at < $at OR meta::id(id) < $after)")
-            params.update(at=cursor, after=after)
-        rows = await db.one(f"SELECT * FROM message WHERE {' AND '.join(where)}"
-                            " ORDER BY created_at DESC, id DESC LIMIT $limit", params) or []
+            params["key"] = cursor
+        rows = await db.one(message_list_sql(status is not None), params) or []
+        rows.sort(key=lambda r: r["list_key"])  # already so: the index's order
         edges = [MessageEdge(cursor=r["id"], node=Message.of(r)) for r in rows[:size]]
         return MessageConnection(edges=edges, page_info=PageInfo(
             has_next_page=len(rows) > size, end_cursor=edges[-1].cursor if edges else None))

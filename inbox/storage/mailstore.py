@@ -25,6 +25,7 @@ from inbox.storage import envelope
 from inbox.storage.blobs import attachment_key, message_key, message_prefixes, part_key
 from inbox.storage.db import Database, new_id
 from inbox.storage.mimeparse import ParsedMessage, summary
+from inbox.storage.schema import list_key
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,8 @@ class MailStore:
         row: dict[str, Any] = {
             "id": mid, "org": d.org, "mailbox": d.mailbox, "folder": d.folder,
             "prev_folder": None, "read": False, "starred": False, "deleting": False,
-            "received_at": now, "size": len(raw), "rcpt_to": d.rcpt_to,
+            "received_at": now, "list_key": list_key(mid), "size": len(raw),
+            "rcpt_to": d.rcpt_to,
             "mail_from": meta.mail_from, "helo": meta.helo, "peer_ip": meta.peer_ip,
             "tls": meta.tls, "enc_mode": d.enc_mode, "blob_key": msg_key,
             "attachments": attachments, "parts": parts,
@@ -264,9 +266,12 @@ class MailStore:
         if folder not in FOLDERS:
             raise ValidationError(f"folder must be one of {', '.join(FOLDERS)}",
                                   field=["folder"])
-        where = ["org = $org", "mailbox = $mailbox", "folder = $folder", "deleting = false"]
+        # An index range in list order (newest first) that stops at the LIMIT: no ORDER BY,
+        # which would read and sort the whole folder.
+        where = ["org = $org", "mailbox = $mailbox", "folder = $folder", "list_key > $key",
+                 "deleting = false"]
         params: dict[str, Any] = {"org": org, "mailbox": mailbox, "folder": folder,
-                                  "limit": first + 1}
+                                  "limit": first + 1, "key": list_key(after) if after else ""}
         if unread is not None:
             where.append("read = $read")
             params["read"] = not unread
@@ -281,12 +286,11 @@ class MailStore:
                          " string::contains(string::lowercase(snippet ?? ''), $q) OR"
                          " string::contains(from_address ?? '', $q))")
             params["q"] = search.lower()
-        if after:
-            where.append("id < type::thing('inbound_message', $after)")
-            params["after"] = after
-        return await self.db.one(
-            f"SELECT * FROM inbound_message WHERE {' AND '.join(where)}"
-            " ORDER BY id DESC LIMIT $limit", params) or []
+        rows = await self.db.one(
+            f"SELECT * FROM inbound_message WHERE {' AND '.join(where)} LIMIT $limit",
+            params) or []
+        rows.sort(key=lambda r: r["list_key"])  # already so: the index's order
+        return rows
 
     async def thread(self, org: str, thread: str) -> list[dict[str, Any]]:
         return await self.db.one(

@@ -21,7 +21,11 @@ DEFINE INDEX IF NOT EXISTS has_domain_org ON has_domain FIELDS org;
 DEFINE TABLE IF NOT EXISTS api_key SCHEMALESS;
 DEFINE INDEX IF NOT EXISTS api_key_org ON api_key FIELDS org;
 DEFINE TABLE IF NOT EXISTS message SCHEMALESS;
-DEFINE INDEX IF NOT EXISTS message_org ON message FIELDS org, created_at;
+-- Listing newest first: (org, list_key) ascending is message ids descending, so a page is an
+-- index range that stops at its LIMIT; ORDER BY created_at DESC read and sorted every message
+-- of the organization (217 ms for 10,000), holding the serialised engine meanwhile.
+DEFINE INDEX IF NOT EXISTS message_list ON message FIELDS org, list_key;
+REMOVE INDEX IF EXISTS message_org ON message;
 DEFINE TABLE IF NOT EXISTS message_raw SCHEMALESS;
 DEFINE TABLE IF NOT EXISTS recipient SCHEMALESS;
 DEFINE INDEX IF NOT EXISTS recipient_message ON recipient FIELDS message;
@@ -49,7 +53,9 @@ DEFINE TABLE IF NOT EXISTS alias SCHEMALESS;
 DEFINE INDEX IF NOT EXISTS alias_address ON alias FIELDS address UNIQUE;
 DEFINE INDEX IF NOT EXISTS alias_org ON alias FIELDS org;
 DEFINE TABLE IF NOT EXISTS inbound_message SCHEMALESS;
-DEFINE INDEX IF NOT EXISTS inbound_list ON inbound_message FIELDS org, mailbox, folder, received_at;
+-- Newest first by list_key, as message_list (above).
+DEFINE INDEX IF NOT EXISTS inbound_folder ON inbound_message FIELDS org, mailbox, folder, list_key;
+REMOVE INDEX IF EXISTS inbound_list ON inbound_message;
 DEFINE INDEX IF NOT EXISTS inbound_thread ON inbound_message FIELDS org, thread;
 DEFINE INDEX IF NOT EXISTS inbound_msgid ON inbound_message FIELDS org, mailbox, message_id_header;
 DEFINE TABLE IF NOT EXISTS rate_counter SCHEMALESS;
@@ -78,6 +84,33 @@ DEFINE INDEX IF NOT EXISTS mta_sts_policy_expiry ON mta_sts_policy FIELDS expire
 async def migrate(db: Database) -> None:
     await db.run(SCHEMA)
     await _fold_quota_counters(db)
+    await _backfill_list_keys(db)
+
+
+# Order-reversing map over the characters of our ids: for ids of one length, list_key order
+# is id order reversed. Ids start with their creation time (storage/db.py new_id).
+_ID_CHARS = "0123456789_abcdefghijklmnopqrstuvwxyz"
+_REVERSE = str.maketrans(_ID_CHARS, _ID_CHARS[::-1])
+
+
+def list_key(message_id: str) -> str:
+    """The key of a message (or inbound message) in its newest-first list index."""
+    return message_id.translate(_REVERSE)
+
+
+async def _backfill_list_keys(db: Database) -> None:
+    """Rows stored before list_key existed get theirs (one table scan per table, once)."""
+    done = await db.one("SELECT * FROM ONLY inbox_meta:migrations") or {}
+    for table in ("message", "inbound_message"):
+        flag = f"{table}_list_key"
+        if done.get(flag):
+            continue
+        ids = await db.one(f"SELECT VALUE meta::id(id) FROM {table} WHERE list_key = NONE") or []
+        for start in range(0, len(ids), 500):
+            await db.run(f"FOR $r IN $rows {{ UPDATE type::thing('{table}', $r.id)"
+                         " SET list_key = $r.k RETURN NONE };",
+                         {"rows": [{"id": i, "k": list_key(i)} for i in ids[start:start + 500]]})
+        await db.run(f"UPSERT inbox_meta:migrations SET {flag} = true RETURN NONE;")
 
 
 # Before session 6 a domain's quota counters were three records per window:
