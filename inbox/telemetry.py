@@ -57,6 +57,15 @@ class _Provider(TracerProvider):
         self._when_read.read = True
 
 
+def recording(provider: Any = None) -> bool:
+    """Whether spans would be recorded: hot paths skip creating spans when not (a
+    non-recording span still costs ids, a context switch-in and -out: ~3% of the event loop
+    in the send benchmark)."""
+    provider = provider or trace.get_tracer_provider()
+    when_read = getattr(provider, "_when_read", None)
+    return when_read is None or when_read.read
+
+
 def make_provider(settings: Any) -> TracerProvider:
     """The tracer provider for these settings (not installed)."""
     resource = Resource.create({"service.name": settings.OTEL_SERVICE_NAME})

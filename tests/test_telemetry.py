@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from inbox.config import load_settings
-from inbox.telemetry import make_provider
+from inbox.telemetry import make_provider, recording
 
 
 def _recording(exporter: str) -> bool:
@@ -32,8 +32,10 @@ def test_a_processor_added_later_turns_recording_on(monkeypatch: pytest.MonkeyPa
     tracer = provider.get_tracer("t")  # obtained before the processor, as modules do
     with tracer.start_as_current_span("before") as span:
         assert not span.is_recording()
+    assert recording(provider) is False  # hot paths skip their spans altogether
     exporter = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
+    assert recording(provider) is True
     with tracer.start_as_current_span("after") as span:
         assert span.is_recording()
     assert [s.name for s in exporter.get_finished_spans()] == ["after"]

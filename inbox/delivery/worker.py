@@ -29,6 +29,7 @@ from inbox.delivery.results import failed_attempt
 from inbox.delivery.signers import SignerCache
 from inbox.delivery.transport import AttemptResult, RecipientResult
 from inbox.errors import DnsNotFound, DnsTemporary, InboxError
+from inbox.telemetry import recording
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("inbox.delivery")
@@ -209,7 +210,8 @@ class DeliveryWorker:
                           job.get("id"))
 
     async def process(self, job: dict[str, Any], loaded: Loaded | None = None) -> None:
-        with tracer.start_as_current_span("delivery.job") as span:
+        with (tracer.start_as_current_span("delivery.job") if recording()
+              else contextlib.nullcontext(trace.INVALID_SPAN)) as span:
             span.set_attribute("inbox.job", job["id"])
             span.set_attribute("inbox.rcpt_domain", job["rcpt_domain"])
             message, raw, rcpts = loaded or await self.queue.load(job)

@@ -17,6 +17,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from inbox.graphql.context import Context
 from inbox.graphql.schema import build_schema
+from inbox.telemetry import recording
 
 tracer = trace.get_tracer("inbox.graphql")
 _TRACE_HEADERS = (b"traceparent", b"tracestate", b"baggage")
@@ -35,6 +36,9 @@ def graphql_app(services_of: Callable[[], Any]) -> Any:
     view = InboxGraphQL(build_schema())
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
+        if not recording():
+            await view(scope, receive, send)
+            return
         carrier = {name.decode("latin-1"): value.decode("latin-1")
                    for name, value in scope.get("headers", ()) if name in _TRACE_HEADERS}
         method = scope.get("method", "GET") if scope["type"] == "http" else "WEBSOCKET"
