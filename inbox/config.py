@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from inbox.errors import ConfigError
@@ -23,6 +23,15 @@ def _split_list(value: object) -> object:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
     return value
+
+
+# Settings that take one of a few words (checked by Settings._choice).
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "SMTP_OUTBOUND_TLS_MODE": ("opportunistic", "required"),
+    "SMTP_OUTBOUND_DANE_MODE": ("off", "prefer", "require"),
+    "SMTP_OUTBOUND_PROCESS": ("auto", "on", "off"),
+    "OTEL_TRACES_EXPORTER": ("none", "console"),
+}
 
 
 class Settings(BaseSettings):
@@ -141,25 +150,13 @@ class Settings(BaseSettings):
     def _lists(cls, value: object) -> object:
         return _split_list(value)
 
-    @field_validator("SMTP_OUTBOUND_TLS_MODE")
+    @field_validator(*_CHOICES)
     @classmethod
-    def _tls_mode(cls, value: str) -> str:
-        if value not in ("opportunistic", "required"):
-            raise ValueError("must be 'opportunistic' or 'required'")
-        return value
-
-    @field_validator("SMTP_OUTBOUND_DANE_MODE")
-    @classmethod
-    def _dane_mode(cls, value: str) -> str:
-        if value not in ("off", "prefer", "require"):
-            raise ValueError("must be 'off', 'prefer' or 'require'")
-        return value
-
-    @field_validator("SMTP_OUTBOUND_PROCESS")
-    @classmethod
-    def _outbound_process(cls, value: str) -> str:
-        if value not in ("auto", "on", "off"):
-            raise ValueError("must be 'auto', 'on' or 'off'")
+    def _choice(cls, value: str, info: ValidationInfo) -> str:
+        allowed = _CHOICES[info.field_name or ""]
+        if value not in allowed:
+            quoted = [f"'{a}'" for a in allowed]
+            raise ValueError(f"must be {', '.join(quoted[:-1])} or {quoted[-1]}")
         return value
 
     @property
@@ -169,13 +166,6 @@ class Settings(BaseSettings):
         if self.SMTP_OUTBOUND_PROCESS == "auto":
             return (os.cpu_count() or 1) >= 2
         return self.SMTP_OUTBOUND_PROCESS == "on"
-
-    @field_validator("OTEL_TRACES_EXPORTER")
-    @classmethod
-    def _exporter(cls, value: str) -> str:
-        if value not in ("none", "console"):
-            raise ValueError("must be 'none' or 'console'")
-        return value
 
     @field_validator("INBOX_DATABASE_URL")
     @classmethod

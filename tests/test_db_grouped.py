@@ -67,10 +67,10 @@ async def test_a_group_without_failures_commits_together(db: Database) -> None:
 
 
 async def test_procedure_is_defined_once_and_called_by_name(db: Database) -> None:
-    await db.run_procedure(SQL, {"n": 1})
-    await db.run_procedure(SQL, {"n": 2})
+    await db.run_grouped(SQL, {"n": 1}, procedure=True)
+    await db.run_grouped(SQL, {"n": 2}, procedure=True)
     with pytest.raises(DbThrow, match="MULTIPLE_OF_THREE"):
-        await db.run_procedure(SQL, {"n": 3})
+        await db.run_grouped(SQL, {"n": 3}, procedure=True)
     assert await db.one("SELECT VALUE v FROM item ORDER BY v") == [1, 2]
     functions = (await db.one("INFO FOR DB"))["functions"]
     assert len([f for f in functions if f.startswith("inbox_txn_")]) == 1

@@ -166,8 +166,8 @@ class DeliveryWorker:
         self._slot_free(task)
 
     def _slot_free(self, task: asyncio.Task[Any] | None) -> None:
-        if task in self._delivering:
-            self._delivering.discard(task)  # type: ignore[arg-type]
+        if task is not None and task in self._delivering:
+            self._delivering.discard(task)
             if self._backlog:
                 self.wakeup.set()  # a slot is free and queued work may be waiting
 

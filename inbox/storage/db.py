@@ -189,7 +189,7 @@ class Database:
         SurrealQL's built-in variables other than those in `_BUILTIN_VARS`.
 
         `procedure=True` (for callers that need no statement results): the transaction runs as
-        a stored function (see `run_procedure`), and the result is one NONE. Procedure calls
+        a stored function (see `_procedure_call`), and the result is one NONE. Procedure calls
         of *different* texts share one group: a send's store and a batch of delivery results
         that arrive together commit together. Commits, not rows, are what the engine's
         serialised gateway spends its time on under load (an fsync each).
@@ -208,17 +208,14 @@ class Database:
             group.flusher = asyncio.ensure_future(self._flush_group(group))
         return await future
 
-    async def run_procedure(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
-        """`run` for a self-contained transaction (BEGIN … COMMIT) whose statement results the
-        caller does not need. Its body is defined once as a stored function (DEFINE FUNCTION,
-        named after the text's hash, so instances running other versions never overwrite it)
-        and each call sends a one-line call instead of the text. The engine parses a group
-        commit of ten members' transaction texts in ~4 ms more than ten calls (measured with
-        submission's store): parsing, not writing, was most of a small transaction's cost.
-        Errors (THROW, conflicts) are raised exactly as `run` raises them."""
-        await self.run(await self._procedure_call(sql), params)
-
     async def _procedure_call(self, sql: str) -> str:
+        """The one-line call that runs a self-contained transaction (BEGIN … COMMIT) as a
+        stored function. Its body is defined once (DEFINE FUNCTION, named after the text's
+        hash, so instances running other versions never overwrite it). The engine parses a
+        group commit of ten members' transaction texts in ~4 ms more than ten calls (measured
+        with submission's store): parsing, not writing, was most of a small transaction's
+        cost. Errors (THROW, conflicts) surface exactly as with the text. Falls back to the
+        text itself when it has no stored-function form or cannot be defined."""
         call = self._procedures.get(sql)
         if call is None:
             proc = _procedure(sql)
