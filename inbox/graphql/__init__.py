@@ -1,4 +1,5 @@
-"""GraphQL API: strawberry schema and context, served by strawberry's own ASGI view.
+"""GraphQL API: strawberry schema and context, served by strawberry's ASGI view and, for plain
+JSON POSTs, by the leaner handler in http.py.
 
 `graphql_app(services_of)` is the ASGI app for /graphql (POST, GET with GraphiQL, and
 graphql-transport-ws subscriptions). It is mounted in front of FastAPI rather than as a FastAPI
@@ -14,8 +15,10 @@ from typing import Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from strawberry.asgi import GraphQL
 
 from inbox.graphql.context import Context
+from inbox.graphql.http import PlainPosts
 from inbox.graphql.schema import build_schema
 from inbox.telemetry import recording
 
@@ -23,21 +26,29 @@ tracer = trace.get_tracer("inbox.graphql")
 _TRACE_HEADERS = (b"traceparent", b"tracestate", b"baggage")
 
 
-def graphql_app(services_of: Callable[[], Any]) -> Any:
-    """The ASGI app serving the schema; `services_of()` gives the running `Services`."""
-    from strawberry.asgi import GraphQL
+class InboxGraphQL(GraphQL[Context, None]):
+    """strawberry's ASGI view with our context; `services_of()` gives the running `Services`."""
 
-    class InboxGraphQL(GraphQL[Context, None]):
-        async def get_context(self, request: Any, response: Any) -> Context:
-            context = Context(services_of())
-            context.request, context.response = request, response
-            return context
+    def __init__(self, schema: Any, services_of: Callable[[], Any]) -> None:
+        super().__init__(schema)
+        self.services_of = services_of
 
-    view = InboxGraphQL(build_schema())
+    async def get_context(self, request: Any, response: Any) -> Context:
+        context = Context(self.services_of())
+        context.request, context.response = request, response
+        return context
+
+
+def graphql_app(services_of: Callable[[], Any], *, plain_posts: bool = True) -> Any:
+    """The ASGI app serving the schema; `services_of()` gives the running `Services`.
+    `plain_posts=False` leaves every request to strawberry's view (tests compare the two)."""
+    schema = build_schema()
+    view = InboxGraphQL(schema, services_of)
+    serve = PlainPosts(view, schema) if plain_posts else view
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if not recording():
-            await view(scope, receive, send)
+            await serve(scope, receive, send)
             return
         carrier = {name.decode("latin-1"): value.decode("latin-1")
                    for name, value in scope.get("headers", ()) if name in _TRACE_HEADERS}
@@ -54,7 +65,7 @@ def graphql_app(services_of: Callable[[], Any]) -> Any:
                 context=propagate.extract(carrier) if carrier else None,
                 attributes={"http.request.method": method, "http.route": "/graphql",
                             "url.scheme": scope.get("scheme", "http")}) as span:
-            await view(scope, receive, send_status)
+            await serve(scope, receive, send_status)
             if status:
                 span.set_attribute("http.response.status_code", status[0])
                 if status[0] >= 500:
@@ -63,4 +74,4 @@ def graphql_app(services_of: Callable[[], Any]) -> Any:
     return app
 
 
-__all__ = ["build_schema", "graphql_app"]
+__all__ = ["InboxGraphQL", "build_schema", "graphql_app"]
