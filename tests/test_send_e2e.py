@@ -41,9 +41,14 @@ async def test_send_delivers_signed_message(stack: Stack, smtp_sink: Any) -> Non
     types = [e["type"] for e in msg["events"]]
     assert types[0] == "QUEUED" and types.count("DELIVERED") == 2 and types.count("QUEUED") == 1
     assert msg["events"][0]["detail"] == "1 delivery job(s) via graphql"
-    # The QUEUED event is kept on the message row, not as an event row of its own.
+    # The QUEUED event is kept on the message row and each DELIVERED on its recipient's row,
+    # not as event rows of their own.
     assert await stack.services.db.one("SELECT VALUE type FROM event WHERE message = $m",
-                                       {"m": msg_id}) == ["DELIVERED", "DELIVERED"]
+                                       {"m": msg_id}) == []
+    delivered = [e for e in msg["events"] if e["type"] == "DELIVERED"]
+    assert sorted(e["recipient"] for e in delivered) == ["alice@dest.test", "bob@dest.test"]
+    assert all(e["detail"].startswith("250") and e["at"] >= msg["events"][0]["at"]
+               for e in delivered)
     assert msg["tags"] == ["welcome"] and msg["metadata"] == {"user": "42"}
 
     await smtp_sink.wait_for(1)
@@ -60,6 +65,27 @@ async def test_send_delivers_signed_message(stack: Stack, smtp_sink: Any) -> Non
     verifier = dkim.DKIM(raw)
     assert verifier.verify(idx=0, dnsfunc=dnsfunc)
     assert verifier.verify(idx=1, dnsfunc=dnsfunc)
+
+
+async def test_final_events_read_the_same_from_recipient_rows_and_old_event_rows(
+        stack: Stack, smtp_sink: Any) -> None:
+    # Mail delivered before final events moved onto recipient rows has them as event rows.
+    tenant = await make_tenant(stack.services, stack.dns)
+    route_to_sink(stack.dns, "dest.test")
+    result = await stack.api(SEND, {"from": f"hello@{tenant.domain}", "to": [
+        "alice@dest.test", "bob@dest.test"], "subject": "s", "text": "t"}, key=tenant.key)
+    msg_id = result["data"]["sendEmail"]["message"]["id"]
+    now = await wait_status(stack.api, tenant.key, msg_id, {"DELIVERED"})
+    db = stack.services.db
+    finals = await db.one("SELECT VALUE final_event FROM recipient WHERE message = $m",
+                          {"m": msg_id})
+    assert sorted(f["type"] for f in finals) == ["DELIVERED", "DELIVERED"]
+    await db.run("UPDATE recipient SET final_event = NONE WHERE message = $m;"
+                 "INSERT INTO event $rows RETURN NONE;",
+                 {"m": msg_id, "rows": [{**f, "org": tenant.org, "message": msg_id}
+                                        for f in finals]})
+    moved = await wait_status(stack.api, tenant.key, msg_id, {"DELIVERED"})
+    assert moved["events"] == now["events"] and len(now["events"]) == 3
 
 
 async def test_opendkim_verifies_a_delivered_message(stack: Stack, smtp_sink: Any,

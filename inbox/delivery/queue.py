@@ -47,7 +47,8 @@ LET $lost = (SELECT VALUE meta::id(id) FROM $job_ids
 IF array::len($lost) > 0 { THROW 'LOST|' + array::join($lost, ',') };
 FOR $u IN $updates {
   UPDATE type::thing('recipient', $u.id) SET status = $u.status, attempts = attempts + 1,
-    last_response = $u.response, next_attempt_at = $u.next, updated_at = $now RETURN NONE;
+    last_response = $u.response, next_attempt_at = $u.next, final_event = $u.final,
+    updated_at = $now RETURN NONE;
 };
 FOR $s IN $suppressions {
   UPSERT type::thing('suppression', $s.key) CONTENT $s.row RETURN NONE;
@@ -198,7 +199,12 @@ class Queue:
 
     @staticmethod
     def _batch(outcomes: list[JobOutcome], owner: str, now: datetime) -> dict[str, Any]:
-        """The statement parameters for `outcomes`, gathered per kind of row."""
+        """The statement parameters for `outcomes`, gathered per kind of row.
+
+        A recipient's final event (DELIVERED, BOUNCED, EXPIRED) is kept on its recipient row
+        (`final_event`), which is written anyway; only a DEFERRED attempt, of which a
+        recipient may have many, is an event row. An event row costs the engine ~200 us of
+        CPU under its serialising lock; `Message.events` merges both (graphql/types.py)."""
         updates: list[dict[str, Any]] = []
         suppressions: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
@@ -217,11 +223,15 @@ class Queue:
             else:
                 messages[job["message"]] = None
             for r in recipients:
+                event = {"type": r.status, "at": now, "recipient": r.address,
+                         "detail": r.response, "tls": outcome.tls}
+                final = r.status != "DEFERRED"
                 updates.append({"id": r.recipient_id, "status": r.status, "response": r.response,
-                                "next": outcome.next_due if r.status == "DEFERRED" else None})
-                events.append({"id": new_id("evt"), "org": job["org"], "message": job["message"],
-                               "type": r.status, "at": now, "recipient": r.address,
-                               "detail": r.response, "tls": outcome.tls})
+                                "next": None if final else outcome.next_due,
+                                "final": event if final else None})
+                if not final:
+                    events.append({"id": new_id("evt"), "org": job["org"],
+                                   "message": job["message"], **event})
                 if r.suppress and r.suppress_value:
                     suppressions.append({
                         "key": [job["org"], r.suppress, r.suppress_value],

@@ -158,7 +158,12 @@ class Message:
 
     @strawberry.field
     async def events(self, info: strawberry.Info) -> list[MessageEvent]:
-        rows = await info.context.load_events(str(self.id))
+        # Event rows (DEFERRED attempts; every event of mail stored before final events moved)
+        # and each recipient's final event, kept on its row (delivery/queue.py), in time order.
+        rows = list(await info.context.load_events(str(self.id)))
+        rows += [r["final_event"] for r in await info.context.load_recipients(str(self.id))
+                 if r.get("final_event")]
+        rows.sort(key=lambda r: r["at"])  # stable: event rows keep their (at, id) order
         events = [MessageEvent(type=r["type"], at=r["at"], recipient=r.get("recipient"),
                                detail=r.get("detail"), tls=TlsInfo.of(r.get("tls")))
                   for r in rows]
