@@ -21,9 +21,8 @@ from inbox.delivery.transport import (
 )
 from tests.support.fixtures_smtp import (  # noqa: F401
     make_smtp_sink,
+    quiet_aiosmtpd,
     refused_port,
-    smtp_sink,
-    smtp_sink_tls,
 )
 from tests.support.smtpsink import SmtpSink, make_self_signed_cert, make_self_signed_context
 
@@ -33,6 +32,23 @@ MakeSink = Callable[..., SmtpSink]
 MakeTransport = Callable[..., SmtpTransport]
 RAW = (b"From: a@sender.test\r\nTo: ok@x.test\r\nSubject: hi\r\n\r\n"
        b"line one\r\n.leading dot\r\n..two dots\r\n.\r\nlast\r\n")
+
+
+# Every test here runs against a sink that offers PIPELINING (the transaction is pipelined,
+# RFC 2920) and against one that does not (command by command).
+@pytest.fixture(params=[True, False], ids=["pipelining", "one-by-one"])
+def smtp_sink(request: pytest.FixtureRequest) -> Iterator[SmtpSink]:
+    quiet_aiosmtpd()
+    with SmtpSink(pipelining=request.param) as sink:
+        yield sink
+
+
+@pytest.fixture(params=[True, False], ids=["pipelining", "one-by-one"])
+def smtp_sink_tls(request: pytest.FixtureRequest) -> Iterator[SmtpSink]:
+    quiet_aiosmtpd()
+    with SmtpSink(tls_context=make_self_signed_context("sink.test"),
+                  pipelining=request.param) as sink:
+        yield sink
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,8 @@ async def test_delivered_and_bytes_arrive_intact(
     assert (message.mail_from, message.rcpt_tos) == ("bounce@sender.test", ["ok@x.test"])
     assert message.mail_options == [f"SIZE={len(RAW)}"]  # RFC 1870
     assert message.tls is False
+    # RFC 2920: MAIL, RCPT and DATA went in one write when the server offered PIPELINING.
+    assert smtp_sink.pipelined == (1 if smtp_sink.pipelining else 0)
 
 
 async def test_port_from_transport_for_plain_host_strings(

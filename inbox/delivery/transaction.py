@@ -1,4 +1,5 @@
-"""One SMTP mail transaction on an open outbound session: MAIL, RCPT per recipient, DATA, RSET.
+"""One SMTP mail transaction on an open outbound session: MAIL, RCPT per recipient, DATA, RSET;
+pipelined (RFC 2920) when the server offers PIPELINING.
 Also the `HostFailed` signal that a host cannot be used and the next one may be tried. Does not
 open, pool or close sessions.
 """
@@ -12,8 +13,10 @@ from aiosmtplib import (
     SMTPRecipientRefused,
     SMTPResponseException,
     SMTPSenderRefused,
+    SMTPServerDisconnected,
 )
 
+from inbox.delivery.pipeline import data_payload, mail_command, rcpt_command, replies_of
 from inbox.delivery.pool import Connection
 from inbox.delivery.results import RecipientResult, from_reply, synthetic
 
@@ -79,6 +82,8 @@ async def run_transaction(conn: Connection, mail_from: str, rcpts: list[str], ra
     failed = StaleSession if reused else HostFailed
 
     conn.transactions += 1
+    if smtp.supports_extension("pipelining"):
+        return await _pipelined(conn, mail_from, rcpts, raw, options, encoding, failed)
     try:
         await smtp.mail(mail_from, options=options, encoding=encoding)
     except SMTPSenderRefused as exc:
@@ -132,6 +137,95 @@ async def run_transaction(conn: Connection, mail_from: str, rcpts: list[str], ra
         address = rcpts[index]
         results[index] = (synthetic(address, 451, "4.4.2", lost) if lost is not None
                           else from_reply(address, code, message, delivered=delivered))
+    return [r for r in results if r is not None]
+
+
+async def _pipelined(conn: Connection, mail_from: str, rcpts: list[str], raw: bytes,
+                     options: list[str], encoding: str, failed: type[HostFailed]
+                     ) -> list[RecipientResult]:
+    """run_transaction with RFC 2920 PIPELINING: MAIL, the RCPTs and DATA in one write, the
+    message after DATA's 354 (pipeline.py). Outcomes and errors as in the one-by-one path."""
+    smtp = conn.smtp
+    try:
+        lines = [mail_command(mail_from, options, encoding)]
+    except ValueError as exc:  # not encodable / control characters: nothing was sent
+        conn.ready = True
+        return [synthetic(a, 553, "5.1.7", f"bad sender address: {exc}") for a in rcpts]
+    results: list[RecipientResult | None] = []
+    sent: list[int] = []  # indexes into results of recipients whose RCPT goes out
+    for address in rcpts:
+        try:
+            lines.append(rcpt_command(address, encoding))
+        except ValueError as exc:
+            results.append(synthetic(address, 553, "5.1.3", f"bad address: {exc}"))
+            continue
+        sent.append(len(results))
+        results.append(None)
+    if not sent:  # nothing to send to: no transaction is opened
+        conn.ready = True
+        return [r for r in results if r is not None]
+    lines.append(b"DATA\r\n")
+    payload = data_payload(raw)
+
+    accepted: list[int] = []
+    outcome: tuple[int, str] | None = None  # the reply that decides the accepted recipients
+    lost: str | None = None
+    must_reset = False
+    try:
+        with replies_of(smtp) as (replies, transport):
+            transport.write(b"".join(lines))
+            try:
+                code, text = await replies.reply()
+            except (SMTPException, OSError) as exc:
+                raise failed(f"MAIL: {describe(exc)}") from None
+            if code == 421:
+                raise failed(f"MAIL {code} {' '.join(text.split())}")
+            mail_refused = (code, text) if code != 250 else None
+            for index in sent:
+                try:
+                    rcpt_code, rcpt_text = await replies.reply()
+                except (SMTPException, OSError) as exc:
+                    raise HostFailed(f"RCPT: {describe(exc)}") from None
+                if rcpt_code == 421:
+                    raise HostFailed(f"RCPT {rcpt_code} {' '.join(rcpt_text.split())}")
+                if mail_refused is not None:
+                    continue  # a 503 for want of a MAIL: the MAIL's reply is the answer
+                if rcpt_code in (250, 251):
+                    accepted.append(index)
+                else:
+                    results[index] = from_reply(rcpts[index], rcpt_code, rcpt_text)
+            try:
+                data_code, data_text = await replies.reply()
+                if data_code == 354:
+                    # RFC 2920 §3.1: with nobody accepted the data is ended at once.
+                    transport.write(payload if accepted else b".\r\n")
+                    final = await replies.reply()
+                    if accepted:
+                        outcome = final
+                    must_reset = final[0] != 250 or not accepted
+                elif accepted:
+                    outcome, must_reset = (data_code, data_text), True
+                else:
+                    must_reset = mail_refused is None  # MAIL and RCPTs left the transaction open
+            except (SMTPException, OSError) as exc:
+                # No 2xx to the end of data: never delivered. The server may have it anyway; a
+                # retry may duplicate (RFC 5321 §6.1), which beats losing it.
+                lost = f"connection lost during DATA: {describe(exc)}"
+    except SMTPServerDisconnected as exc:  # closed before anything was written
+        raise failed(f"MAIL: {describe(exc)}") from None
+    if mail_refused is not None:
+        conn.ready = lost is None and (not must_reset or await reset(smtp))
+        return [from_reply(a, mail_refused[0], mail_refused[1]) for a in rcpts]
+
+    for index in accepted:
+        address = rcpts[index]
+        if lost is not None:
+            results[index] = synthetic(address, 451, "4.4.2", lost)
+        else:
+            assert outcome is not None
+            results[index] = from_reply(address, outcome[0], outcome[1],
+                                        delivered=outcome[0] == 250)
+    conn.ready = lost is None and (not must_reset or await reset(smtp))
     return [r for r in results if r is not None]
 
 

@@ -19,7 +19,7 @@ import pytest
 from tests.support.smtpsink import SmtpSink, make_self_signed_context
 
 
-def _quiet_aiosmtpd() -> None:
+def quiet_aiosmtpd() -> None:
     # aiosmtpd logs a deprecation warning on every AUTH (ENGINE-NOTES) and every session event.
     logging.getLogger("mail.log").setLevel(logging.ERROR)
 
@@ -30,7 +30,7 @@ def _quiet_aiosmtpd() -> None:
 @pytest.fixture
 def make_smtp_sink() -> Iterator[Callable[..., SmtpSink]]:
     """Start extra sinks: `make_smtp_sink(**SmtpSink kwargs)`; all stopped after the test."""
-    _quiet_aiosmtpd()
+    quiet_aiosmtpd()
     sinks: list[SmtpSink] = []
 
     def make(**kwargs: Any) -> SmtpSink:
@@ -48,7 +48,7 @@ def make_smtp_sink() -> Iterator[Callable[..., SmtpSink]]:
 @pytest.fixture
 def smtp_sink() -> Iterator[SmtpSink]:
     """A started plaintext `SmtpSink` on 127.0.0.1 (SMTPUTF8, 8BITMIME, SIZE; no STARTTLS)."""
-    _quiet_aiosmtpd()
+    quiet_aiosmtpd()
     with SmtpSink() as sink:
         yield sink
 
@@ -56,7 +56,7 @@ def smtp_sink() -> Iterator[SmtpSink]:
 @pytest.fixture
 def smtp_sink_tls() -> Iterator[SmtpSink]:
     """A started `SmtpSink` offering STARTTLS with a throwaway self-signed certificate."""
-    _quiet_aiosmtpd()
+    quiet_aiosmtpd()
     with SmtpSink(tls_context=make_self_signed_context("sink.test")) as sink:
         yield sink
 

@@ -60,12 +60,17 @@ class SmtpSink:
     * `tls_context`: advertise STARTTLS with this server context (see `make_self_signed_context`)
     * `smtputf8_supported`: advertise SMTPUTF8 (default True)
     * `auth_users`: user -> password; AUTH PLAIN/LOGIN is offered without TLS and MAIL requires it
+    * `pipelining`: advertise PIPELINING (RFC 2920; default True, as most MXes do). aiosmtpd
+      reads commands one by one from its stream, so pipelined commands are served in order;
+      `pipelined` counts the reads that held a RCPT and a DATA together.
     """
 
     def __init__(self, *, tls_context: ssl.SSLContext | None = None,
                  smtputf8_supported: bool = True, auth_users: dict[str, str] | None = None,
-                 hostname: str = "sink.test") -> None:
+                 hostname: str = "sink.test", pipelining: bool = True) -> None:
         self.hostname = hostname
+        self.pipelining = pipelining
+        self.pipelined = 0
         self.tls_context = tls_context
         self.smtputf8_supported = smtputf8_supported
         self.auth_users = auth_users
@@ -148,6 +153,13 @@ class _Handler:
     def __init__(self, sink: SmtpSink) -> None:
         self.sink = sink
 
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if self.sink.pipelining:
+            responses.insert(-1, "250-PIPELINING")  # before the last line ("250 HELP")
+        return responses
+
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         if self.sink.auth_users is not None and not session.authenticated:
@@ -220,6 +232,12 @@ class _SinkSMTP(SMTP):
         with self._sink._lock:
             self._sink.open_sessions -= 1
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if b"RCPT TO:" in data and b"DATA\r\n" in data:
+            with self._sink._lock:
+                self._sink.pipelined += 1
+        super().data_received(data)
 
     async def _handle_client(self) -> None:
         sink = self._sink
