@@ -234,10 +234,10 @@ async def test_unread_indexes_are_dropped_and_release_still_uses_one(open_servic
     db = services.db
     # A database from before: the indexes nothing reads.
     await db.run("DEFINE INDEX job_owner ON job FIELDS owner;"
+                 " DEFINE INDEX job_lease ON job FIELDS status, lease_until;"
                  " DEFINE INDEX event_at ON event FIELDS at;")
     await migrate(db)
-    assert set((await db.one("INFO FOR TABLE job"))["indexes"]) == {
-        "job_due", "job_lease", "job_message"}
+    assert set((await db.one("INFO FOR TABLE job"))["indexes"]) == {"job_due", "job_message"}
     assert set((await db.one("INFO FOR TABLE event"))["indexes"]) == {"event_message"}
     # Releasing a worker's leases reads the 'processing' range of an index, not the table.
     plan = await db.one("SELECT id FROM job WHERE owner = $owner AND status = 'processing'"
@@ -247,3 +247,41 @@ async def test_unread_indexes_are_dropped_and_release_still_uses_one(open_servic
                  " CREATE job:b SET status = 'processing', owner = 'w2', attempts = 1;")
     assert await services.queue.release("w1") == 1
     assert await db.one("SELECT VALUE status FROM [job:a, job:b]") == ["queued", "processing"]
+
+
+async def test_expired_leases_are_found_through_job_due(open_services: Any,
+                                                         dns_server: Any) -> None:
+    from inbox.delivery.queue import _LEASE
+    from inbox.storage.schema import migrate
+
+    services = await open_services()
+    db = services.db
+    tenant = await make_tenant(services, dns_server)
+    await _submit_many(services, tenant, 3)
+    now = services.clock()
+    leased = await services.queue.lease("w1", 10, 30, now)
+    ids = [j["id"] for j in leased]
+    # The lease's end is the job's next due time, kept beside lease_until.
+    assert len(ids) == 3
+    assert all(j["due"] == j["lease_until"] == now + timedelta(seconds=30) for j in leased)
+    # Both scans of the lease are index ranges of job_due.
+    stale, due = _LEASE.split(";")[:2]
+    for scan in (stale, due):
+        sql = scan.split("= (", 1)[1].rsplit(")", 1)[0] + " EXPLAIN"
+        plan = await db.one(sql, {"now": now, "limit": 10})
+        assert plan[0]["operation"] == "Iterate Index" and plan[0]["detail"]["plan"][
+            "index"] == "job_due", plan
+    # A lease taken by an older version (due not moved) keeps its job until lease_until ...
+    old = ids[0]
+    await db.run("UPDATE type::thing('job', $id) SET due = $past", {"id": old, "past": now})
+    assert await services.queue.lease("w2", 10, 30, now + timedelta(seconds=5)) == []
+    # ... and start-up moves its due to the lease's end.
+    await migrate(db)
+    assert await db.one("SELECT VALUE due FROM ONLY type::thing('job', $id)", {"id": old}) == (
+        now + timedelta(seconds=30))
+    taken = await services.queue.lease("w2", 10, 30, now + timedelta(seconds=31))
+    assert sorted(j["id"] for j in taken) == sorted(ids)
+    # Released jobs are due at once, not at their lease's end.
+    assert await services.queue.release("w2", now + timedelta(seconds=32)) == 3
+    again = await services.queue.lease("w3", 10, 30, now + timedelta(seconds=32))
+    assert len(again) == 3

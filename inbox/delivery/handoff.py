@@ -45,8 +45,9 @@ class Claim:
 
     def lease(self, now: datetime) -> dict[str, Any]:
         """The lease columns the jobs are stored with (as a lease would set them)."""
-        return {"status": "processing", "owner": self.taker.name,
-                "lease_until": now + timedelta(seconds=self.taker.lease_secs),
+        until = now + timedelta(seconds=self.taker.lease_secs)
+        return {"status": "processing", "owner": self.taker.name, "lease_until": until,
+                "due": until,  # a leased job is due again when its lease ends (queue.py)
                 "attempts": 1, "last_attempt_at": now}
 
     def deliver(self, handed: list[Handed]) -> None:

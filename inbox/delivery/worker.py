@@ -188,7 +188,7 @@ class DeliveryWorker:
             with contextlib.suppress(Exception):
                 await asyncio.gather(*pending, return_exceptions=True)
         with contextlib.suppress(InboxError):
-            released = await self.queue.release(self.name)
+            released = await self.queue.release(self.name, self.clock())
             if released:
                 log.info("released %d leased job(s) on shutdown", released)
 

@@ -32,13 +32,17 @@ DEFINE INDEX IF NOT EXISTS recipient_message ON recipient FIELDS message;
 DEFINE INDEX IF NOT EXISTS recipient_job ON recipient FIELDS job;
 DEFINE TABLE IF NOT EXISTS job SCHEMALESS;
 DEFINE INDEX IF NOT EXISTS job_due ON job FIELDS status, due;
-DEFINE INDEX IF NOT EXISTS job_lease ON job FIELDS status, lease_until;
 DEFINE INDEX IF NOT EXISTS job_message ON job FIELDS message;
 DEFINE TABLE IF NOT EXISTS event SCHEMALESS;
 DEFINE INDEX IF NOT EXISTS event_message ON event FIELDS message;
 -- Unread indexes only cost writes (a job's owner changes twice per delivery; releasing a
 -- worker's leases scans job_due's 'processing' prefix instead). Dropped from older databases.
 REMOVE INDEX IF EXISTS job_owner ON job;
+-- A leased job's `due` is its lease's end, so job_due also finds expired leases
+-- (delivery/queue.py); leases taken before that are given the same `due` here.
+UPDATE job SET due = lease_until WHERE status = 'processing' AND lease_until != NONE
+  AND due != lease_until;
+REMOVE INDEX IF EXISTS job_lease ON job;
 REMOVE INDEX IF EXISTS event_at ON event;
 DEFINE TABLE IF NOT EXISTS suppression SCHEMALESS;
 DEFINE INDEX IF NOT EXISTS suppression_org ON suppression FIELDS org, created_at;
