@@ -163,7 +163,8 @@ class Message:
         rows = list(await info.context.load_events(str(self.id)))
         rows += [r["final_event"] for r in await info.context.load_recipients(str(self.id))
                  if r.get("final_event")]
-        rows.sort(key=lambda r: r["at"])  # stable: event rows keep their (at, id) order
+        # Events of one completion share `at`; those go by recipient, wherever they are kept.
+        rows.sort(key=lambda r: (r["at"], r.get("recipient") or ""))
         events = [MessageEvent(type=r["type"], at=r["at"], recipient=r.get("recipient"),
                                detail=r.get("detail"), tls=TlsInfo.of(r.get("tls")))
                   for r in rows]
