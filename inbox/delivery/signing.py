@@ -6,7 +6,7 @@ folding, same bytes hashed). Two steps differ in how, not in what:
   over the digest as RFC 8463 §3 asks), with key objects parsed once per signer. That is ~10x
   faster than dkimpy's pure-Python RSA and touches no dkimpy global, so signers are safe to
   share between threads;
-* parsing and relaxed canonicalization (below `DkimSigner`): dkimpy's rules, done with fewer
+* parsing and relaxed canonicalization (inbox/dkimcanon.py): dkimpy's rules, done with fewer
   passes. For a 1.5 KB message they took ~170 us of Python per signer, now ~50 us
   (bench: /tmp harness, best of 15 x 200 Ed25519-only signs, 243 -> 123 us per sign).
 tests/test_signing.py checks the output is byte-identical to dkimpy's, also for generated
@@ -28,6 +28,7 @@ import idna
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 
+from inbox.dkimcanon import parse, relaxed_body, relaxed_headers
 from inbox.errors import ConfigError
 
 DEFAULT_DKIM_HEADERS = ("From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To",
@@ -124,9 +125,9 @@ class DkimSigner:
 
     def sign(self, raw: bytes) -> bytes:
         """`raw` with the DKIM-Signature header field(s) prepended (CRLF line endings)."""
-        headers, body = _parse(raw)
+        headers, body = parse(raw)
         # RFC 6376 §3.7: one body hash serves every signature (same c= and hash).
-        body_hash = base64.b64encode(hashlib.sha256(_relaxed_body(body)).digest())
+        body_hash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
         present: dict[bytes, int] = {}
         for name, _ in headers:
             lowered = name.lower()
@@ -135,7 +136,7 @@ class DkimSigner:
         include.append(b"from")  # over-sign: a From added later breaks the signature
         # The fields `include` picks (dkim.select_headers), canonicalized once for every key.
         signed = b"".join(name + b":" + value
-                          for name, value in _relaxed_headers(dkim.select_headers(
+                          for name, value in relaxed_headers(dkim.select_headers(
                               [(name.lower(), value) for name, value in headers], include)))
         stamp = str(int(self._clock())).encode("ascii")
         domain = self.domain.encode("ascii")
@@ -165,7 +166,7 @@ class DkimSigner:
             unsigned = dkim.RE_BTAG.sub(b"\\1", b" " + value)
         # RFC 6376 §3.7: signed header fields, then this header with an empty b=, no final CRLF
         # (as dkim.hash_headers hashes it).
-        [(name, own)] = _relaxed_headers([(_HEADER_NAME, unsigned)])
+        [(name, own)] = relaxed_headers([(_HEADER_NAME, unsigned)])
         hasher = hashlib.sha256(signed)
         hasher.update(name + b":" + own.rstrip())
         fields[-1] = (b"b", base64.b64encode(key.sign_digest(hasher.digest())))
@@ -173,55 +174,3 @@ class DkimSigner:
         return _HEADER_NAME + b": " + dkim.fold(value, namelen=len(_HEADER_NAME),
                                                  linesep=b"\r\n")
 
-
-# dkimpy's message parsing and relaxed canonicalization (dkim.rfc822_parse,
-# dkim.canonicalization.Relaxed), with compiled patterns and, for a message with CRLF line
-# endings throughout its header block, a parse by one pattern per header field instead of a
-# Python loop over every line of the message. dkimpy's Relaxed also canonicalizes every header
-# field of the message for each signature; sign() canonicalizes the signed ones, once.
-# tests/test_signing.py checks all three equal dkimpy's for generated messages.
-_FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+):([^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)")
-_LINE_BREAK = re.compile(rb"\r?\n")
-# A run of WSP other than one space (which would be replaced by itself): a body is mostly
-# single spaces, and a substitution per word costs more than the rest of the canonicalization.
-_WSP_RUN = re.compile(rb"[\t ]{2,}|\t")
-_WSP_AT_EOL = re.compile(rb"[\t ]+\r\n")
-
-
-def _parse(raw: bytes) -> tuple[list[list[bytes]], bytes]:
-    """(header fields as [name, value], body) exactly as dkim.rfc822_parse gives them."""
-    end = raw.find(b"\r\n\r\n")
-    if end <= 0 or raw.count(b"\n", 0, end + 4) != raw.count(b"\r\n", 0, end + 4):
-        return dkim.rfc822_parse(raw)  # no header block, or bare LFs in it: dkimpy's own
-    block, headers, pos = raw[:end + 2], [], 0
-    while pos < len(block):
-        m = _FIELD.match(block, pos)
-        if m is None:
-            return dkim.rfc822_parse(raw)  # whatever dkimpy makes of it (or raises)
-        headers.append([m.group(1), m.group(2)])
-        pos = m.end()
-    body = raw[end + 4:]
-    if body.count(b"\n") != body.count(b"\r\n"):
-        body = _LINE_BREAK.sub(b"\r\n", body)  # dkimpy splits lines at bare LFs too
-    return headers, body
-
-
-def _relaxed_headers(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """RFC 6376 §3.4.2, as dkim.canonicalization.Relaxed.canonicalize_headers."""
-    return [(name.lower().rstrip(),
-             _WSP_RUN.sub(b" ", _LINE_BREAK.sub(b"", value)).strip() + b"\r\n")
-            for name, value in fields]
-
-
-def _relaxed_body(body: bytes) -> bytes:
-    """RFC 6376 §3.4.4, as dkim.canonicalization.Relaxed.canonicalize_body."""
-    # The substring tests skip scans that would find nothing (most bodies, ~50 us for 1.5 KB).
-    if b" \r\n" in body or b"\t\r\n" in body:
-        body = _WSP_AT_EOL.sub(b"\r\n", body)
-    if b"\t" in body or b"  " in body:
-        body = _WSP_RUN.sub(b" ", body)
-    end = len(body)
-    while body.endswith(b"\r\n", 0, end):  # trailing empty lines go; the last CRLF stays
-        end -= 2
-    body = body + b"\r\n" if end == len(body) else body[:end + 2]
-    return b"" if body == b"\r\n" else body

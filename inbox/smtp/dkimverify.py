@@ -5,8 +5,9 @@ dkimpy 1.1.8 verifies RSA in pure Python (bignum-to-bytes loops, its own ASN.1 p
 and the DigestInfo), which was ~30% of the port-25 server's CPU. `FastDKIM` and `FastARC` override
 only `verify_sig` (load the key through `parse_key_record`, cached by the record's bytes) and
 `verify_sig_process` (the same steps as dkimpy's, in the same order, raising the same errors, but
-with the RSASSA-PKCS1-v1_5 check done by OpenSSL). Tag parsing, canonicalisation, header selection
-and hashing remain dkimpy's own functions. No dkimpy global is touched, so instances are safe to
+with the RSASSA-PKCS1-v1_5 check done by OpenSSL). Parsing and relaxed canonicalisation are
+inbox/dkimcanon.py's (dkimpy's rules, fewer passes); tag parsing, header selection and hashing
+remain dkimpy's own functions. No dkimpy global is touched, so instances are safe to
 use in concurrent worker threads. tests/test_dkimverify.py checks the verdicts equal dkimpy's.
 
 Ed25519 (RFC 8463) stays with PyNaCl, as in dkimpy (already C); libsodium is stricter than OpenSSL
@@ -30,6 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 from dkim.crypto import HASH_ALGORITHMS, DigestTooLargeError, RSASSA_PKCS1_v1_5_verify
 
+from inbox import dkimcanon
+
 KEY_CACHE_SIZE = 1024
 
 # RFC 8017 §9.2 note 1: DER DigestInfo length (prefix + digest) per hash; EMSA-PKCS1-v1_5 needs
@@ -38,20 +41,7 @@ _DIGEST_INFO_LEN = {"sha1": 15 + 20, "sha256": 19 + 32}
 _PREHASHED = {"sha1": utils.Prehashed(hashes.SHA1()), "sha256": utils.Prehashed(hashes.SHA256())}
 _PKCS1 = padding.PKCS1v15()
 _WSP = re.compile(rb"\s+")
-_EMPTY_LINE = re.compile(rb"(?:^|\n)\r?\n")
-
-
-def rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
-    """What `dkim.rfc822_parse` returns, without splitting the body into lines when its line
-    ends are all CRLF already (then re-joining them with CRLF changes nothing)."""
-    end = _EMPTY_LINE.search(message)
-    if end is None:
-        return dkim.rfc822_parse(message)
-    headers, _ = dkim.rfc822_parse(message[:end.end()])
-    body = message[end.end():]
-    if body.count(b"\n") != body.count(b"\r\n"):  # a bare LF: dkimpy's way, exactly
-        body = b"\r\n".join(re.split(b"\r?\n", body))
-    return headers, body
+_RELAXED = b"relaxed"
 
 
 class RsaPublicKey:
@@ -125,7 +115,7 @@ class _FastVerify(dkim.DomainSigner):
     def set_message(self, message: bytes | None) -> None:
         super().set_message(None)  # resets the per-verification state
         if message:
-            self.headers, self.body = rfc822_parse(message)
+            self.headers, self.body = dkimcanon.parse(message)
 
     def verify_sig(self, sig: dict[bytes, bytes], include_headers: list[bytes],
                    sig_header: tuple[bytes, bytes], dnsfunc: Callable[..., Any]) -> bool:
@@ -151,7 +141,9 @@ class _FastVerify(dkim.DomainSigner):
             raise dkim.MessageFormatError(f"invalid c= value: {exc.args[0]}") from None
         hasher = HASH_ALGORITHMS[sig[b"a"]]
         if b"bh" in sig:  # RFC 6376 §3.7: the body hash first
-            body = canon.canonicalize_body(self.body)
+            body = (dkimcanon.relaxed_body(self.body)
+                    if canon.body_algorithm.name == _RELAXED
+                    else canon.canonicalize_body(self.body))
             if b"l" in sig and not self.tlsrpt:
                 body = body[: int(sig[b"l"])]
             bodyhash = hasher(body).digest()
@@ -161,7 +153,9 @@ class _FastVerify(dkim.DomainSigner):
         if b"from" in include_headers:  # dkimpy counts an extra From (its bug #644046)
             include_headers.append(b"from")
         h = hasher()
-        headers = canon.canonicalize_headers(self.headers)
+        headers = (dkimcanon.relaxed_headers(self.headers)
+                   if canon.header_algorithm.name == _RELAXED
+                   else canon.canonicalize_headers(self.headers))
         self.signed_headers = dkim.hash_headers(h, canon, headers, include_headers, sig_header,
                                                 sig)
         signature = base64.b64decode(_WSP.sub(b"", sig[b"b"]))
