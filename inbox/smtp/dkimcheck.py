@@ -37,6 +37,7 @@ from typing import Any
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
 
+from inbox import dkimcanon
 from inbox.errors import DnsNotFound, DnsTemporary
 from inbox.smtp.dkimverify import FastARC, FastDKIM, parse_key_record
 
@@ -86,10 +87,10 @@ def _header_section(raw: bytes) -> list[tuple[bytes, bytes]]:
             raw = raw[: end + len(sep)]
             break
     try:
-        headers, _ = dkim.rfc822_parse(raw)
+        headers, _ = dkimcanon.parse(raw)  # dkimpy's result, by one pattern per field
     except dkim.MessageFormatError:
         return []
-    return headers
+    return [(name, value) for name, value in headers]
 
 
 def _text(value: bytes | None) -> str:
