@@ -180,9 +180,10 @@ def _sign(keys: dict[str, Any], name: str, msg: bytes = MESSAGE, selector: bytes
     key = keys[name]
     if isinstance(key, EdKey):
         kw.setdefault("signature_algorithm", b"ed25519-sha256")
-        return dkim.DKIM(msg).sign(selector, DOMAIN, key.private(), include_headers=SIGNED,
-                                   **kw) + msg
-    return dkim.DKIM(msg).sign(selector, DOMAIN, key.pem(), include_headers=SIGNED, **kw) + msg
+        kw.setdefault("include_headers", SIGNED)
+        return dkim.DKIM(msg).sign(selector, DOMAIN, key.private(), **kw) + msg
+    kw.setdefault("include_headers", SIGNED)
+    return dkim.DKIM(msg).sign(selector, DOMAIN, key.pem(), **kw) + msg
 
 
 def _edit_b(signed: bytes, change: Callable[[bytes], bytes]) -> bytes:
@@ -210,6 +211,13 @@ class Case:
     plain: str = "True"  # what plain dkimpy says (outcome text prefix)
 
 
+# Two To fields, both signed (h= names "to" twice: the last one is hashed first), and a
+# folded Subject with runs of spaces and tabs (relaxed canonicalization must unfold them).
+DUPLICATES = MESSAGE.replace(b"To: Bob <bob@receiver.test>\r\n",
+                             b"To: Bob <bob@receiver.test>\r\nTo: Carol <c@receiver.test>\r\n")
+DUPLICATES_SIGNED = {"msg": DUPLICATES, "include_headers": [b"from", b"to", b"to", b"subject"]}
+FOLDED = MESSAGE.replace(b"Subject: Quarterly figures\r\n",
+                         b"Subject:  Quarterly \t figures,\r\n\t  part  two \r\n")
 CASES = {
     "rsa1024": Case("rsa1024"),
     "rsa2048": Case("rsa2048"),
@@ -226,6 +234,14 @@ CASES = {
                                     edit=lambda m, k: m.replace(b"Quarterly", b"Monthly")),
     "second-From-added": Case("rsa2048", plain="False",  # dkimpy counts an extra From
                               edit=lambda m, k: b"From: Mallory <m@evil.test>\r\n" + m),
+    "duplicate-fields-signed": Case("rsa2048", sign=DUPLICATES_SIGNED),
+    "duplicate-fields-swapped": Case("rsa2048", sign=DUPLICATES_SIGNED, plain="False", edit=(
+        lambda m, k: m.replace(b"To: Bob <bob@receiver.test>\r\nTo: Carol <c@receiver.test>",
+                               b"To: Carol <c@receiver.test>\r\nTo: Bob <bob@receiver.test>"))),
+    "ed25519-duplicate-fields-signed": Case("ed25519", sign=DUPLICATES_SIGNED),
+    "folded-spaced-subject": Case("rsa2048", sign={"msg": FOLDED}),
+    "folded-subject-refolded": Case("rsa2048", sign={"msg": FOLDED}, edit=(
+        lambda m, k: m.replace(b"figures,\r\n\t  part", b"figures, part"))),
     "rsa-wrong-key": Case("rsa2048", "rsa2048b", plain="False"),
     "ed25519-wrong-key": Case("ed25519", "ed25519b", plain="False"),
     "rsa512-valid": Case("rsa512", plain="KeyFormatError: public key too small: 512"),

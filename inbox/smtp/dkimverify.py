@@ -153,11 +153,21 @@ class _FastVerify(dkim.DomainSigner):
         if b"from" in include_headers:  # dkimpy counts an extra From (its bug #644046)
             include_headers.append(b"from")
         h = hasher()
-        headers = (dkimcanon.relaxed_headers(self.headers)
-                   if canon.header_algorithm.name == _RELAXED
-                   else canon.canonicalize_headers(self.headers))
-        self.signed_headers = dkim.hash_headers(h, canon, headers, include_headers, sig_header,
-                                                sig)
+        if canon.header_algorithm.name == _RELAXED:
+            # dkim.hash_headers, canonicalizing only the fields it selects: selection compares
+            # lowercased names, which is all relaxed canonicalization does to a parsed name.
+            self.signed_headers = dkimcanon.relaxed_headers(dkim.select_headers(
+                [(name.lower(), value) for name, value in self.headers], include_headers))
+            [(name, value)] = dkimcanon.relaxed_headers(
+                [(sig_header[0], dkim.RE_BTAG.sub(b"\\1", sig_header[1]))])
+            for x, y in [*self.signed_headers, (name, value.rstrip())]:
+                h.update(x)
+                h.update(b":")
+                h.update(y)
+        else:
+            self.signed_headers = dkim.hash_headers(
+                h, canon, canon.canonicalize_headers(self.headers), include_headers, sig_header,
+                sig)
         signature = base64.b64decode(_WSP.sub(b"", sig[b"b"]))
         if self.ktag == b"rsa":
             try:
