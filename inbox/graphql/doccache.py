@@ -48,6 +48,16 @@ class DocumentCache(SchemaExtension):
             self._entries.popitem(last=False)
         return entry
 
+    def validated(self, query: str) -> DocumentNode | None:
+        """The document of `query` if a request before parsed and validated it (strawberry's
+        default parse options) and found no errors; else None."""
+        key = (query, ())
+        entry = self._entries.get(key)
+        if entry is None or entry.errors is None or entry.errors:
+            return None
+        self._entries.move_to_end(key)
+        return entry.document
+
     def on_parse(self) -> Iterator[None]:
         entry = self._entry()
         if entry is not None:

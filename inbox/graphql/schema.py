@@ -314,15 +314,16 @@ class ErrorPolicy(SchemaExtension):
 
     def on_execute(self) -> Iterator[None]:
         yield
-        self._process(self.execution_context.result)
+        self.process(self.execution_context.result)
 
     def on_operation(self) -> Iterator[None]:
         yield
         result = self.execution_context.result
-        self._process(getattr(result, "initial_result", None) or result)
+        self.process(getattr(result, "initial_result", None) or result)
 
     @staticmethod
-    def _process(result: Any) -> None:
+    def process(result: Any) -> None:
+        """Codes on our errors, masking on unexpected ones, in `result.errors` (idempotent)."""
         errors = getattr(result, "errors", None)
         if not errors:
             return
@@ -343,6 +344,8 @@ class ErrorPolicy(SchemaExtension):
 class InboxSchema(strawberry.Schema):
     """Logs only unexpected errors: a user error or a bad query is the client's, not ours."""
 
+    document_cache: DocumentCache | None = None
+
     def process_errors(self, errors: list[GraphQLError],
                        execution_context: Any = None) -> None:
         unexpected = [e for e in errors if e.original_error is not None
@@ -361,9 +364,11 @@ def build_schema() -> strawberry.Schema:
     from inbox.graphql.mail import MailMutation, MailQuery, MailSubscription
     from inbox.graphql.smtp_credentials import SmtpCredentialMutation, SmtpCredentialQuery
 
-    return InboxSchema(
+    schema = InboxSchema(
         query=merge_types("Query", (Query, MailQuery, SmtpCredentialQuery)),
         mutation=merge_types("Mutation", (Mutation, MailMutation, SmtpCredentialMutation)),
         subscription=merge_types("Subscription", (MailSubscription,)),
         extensions=[lambda: document_cache, ErrorPolicy],
     )
+    schema.document_cache = document_cache  # graphql/http.py runs validated documents itself
+    return schema
