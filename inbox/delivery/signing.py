@@ -113,8 +113,8 @@ class DkimSigner:
             raise ValueError("DKIM must sign From (RFC 6376 §5.4)")
         if bad := sorted(_NEVER_SIGN.intersection(names)):
             raise ValueError(f"DKIM must not sign {', '.join(bad)}")
-        self._headers = tuple(dict.fromkeys(names))  # dedupe, keep order
-        self._header_names = [h.encode("ascii") for h in self._headers]
+        # deduped, in order
+        self._header_names = [h.encode("ascii") for h in dict.fromkeys(names)]
         self._clock = clock
 
     @staticmethod

@@ -16,7 +16,13 @@ from aiosmtplib import (
     SMTPServerDisconnected,
 )
 
-from inbox.delivery.pipeline import data_payload, mail_command, rcpt_command, replies_of
+from inbox.delivery.pipeline import (
+    Replies,
+    data_payload,
+    mail_command,
+    rcpt_command,
+    replies_of,
+)
 from inbox.delivery.pool import Connection
 from inbox.delivery.results import RecipientResult, from_reply, synthetic
 
@@ -174,20 +180,10 @@ async def _pipelined(conn: Connection, mail_from: str, rcpts: list[str], raw: by
     try:
         with replies_of(smtp) as (replies, transport):
             transport.write(b"".join(lines))
-            try:
-                code, text = await replies.reply()
-            except (SMTPException, OSError) as exc:
-                raise failed(f"MAIL: {describe(exc)}") from None
-            if code == 421:
-                raise failed(f"MAIL {code} {' '.join(text.split())}")
+            code, text = await _envelope_reply(replies, "MAIL", failed)
             mail_refused = (code, text) if code != 250 else None
             for index in sent:
-                try:
-                    rcpt_code, rcpt_text = await replies.reply()
-                except (SMTPException, OSError) as exc:
-                    raise HostFailed(f"RCPT: {describe(exc)}") from None
-                if rcpt_code == 421:
-                    raise HostFailed(f"RCPT {rcpt_code} {' '.join(rcpt_text.split())}")
+                rcpt_code, rcpt_text = await _envelope_reply(replies, "RCPT", HostFailed)
                 if mail_refused is not None:
                     continue  # a 503 for want of a MAIL: the MAIL's reply is the answer
                 if rcpt_code in (250, 251):
@@ -227,6 +223,19 @@ async def _pipelined(conn: Connection, mail_from: str, rcpts: list[str], raw: by
                                         delivered=outcome[0] == 250)
     conn.ready = lost is None and (not must_reset or await reset(smtp))
     return [r for r in results if r is not None]
+
+
+async def _envelope_reply(replies: Replies, verb: str, failed: type[HostFailed]
+                          ) -> tuple[int, str]:
+    """The next reply, to MAIL or a RCPT: `failed` when there is none or it is a 421 (the
+    server is closing), as the one-by-one path raises them."""
+    try:
+        code, text = await replies.reply()
+    except (SMTPException, OSError) as exc:
+        raise failed(f"{verb}: {describe(exc)}") from None
+    if code == 421:
+        raise failed(f"{verb} {code} {' '.join(text.split())}")
+    return code, text
 
 
 async def reset(smtp: SMTP) -> bool:
