@@ -178,3 +178,53 @@ async def test_a_slow_result_write_does_not_hold_a_delivery_slot(
         stop.set()
         await run
         await services.db.close()
+
+
+async def test_new_mail_goes_out_beside_a_backlog_and_a_lease_in_progress_holds_its_slots(
+        tmp_path: Any, dns_server: Any, smtp_sink: Any) -> None:
+    # 8 slots, a lease share of 2; leases of at most 4 jobs.
+    settings = make_settings(tmp_path, dns_server, INBOX_DB_SYNC="false",
+                             SMTP_OUTBOUND_PORT=smtp_sink.port, SMTP_OUTBOUND_CONCURRENCY=8,
+                             SMTP_OUTBOUND_QUEUE_BATCH_SIZE=4,
+                             SMTP_OUTBOUND_QUEUE_POLL_SECS="60")
+    services = await build_services(settings)
+    tenant = await make_tenant(services, dns_server)
+    route_to_sink(dns_server, "dest.test")
+    backlog = [await _send(services, tenant, [f"q{i}@dest.test"], None) for i in range(5)]
+    worker = services.worker()
+    gate, leasing = asyncio.Event(), asyncio.Event()
+    lease = services.queue.lease
+
+    async def held(*args: Any) -> Any:  # the first lease waits at the gate
+        leasing.set()
+        await gate.wait()
+        return await lease(*args)
+
+    services.queue.lease = held  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    run = asyncio.create_task(worker.run(stop))
+    try:
+        await asyncio.wait_for(leasing.wait(), 10)
+        # The lease in progress holds its 4 slots and the backlog keeps its share of 2: new
+        # mail may have the other 2, and goes straight out rather than behind the backlog.
+        assert worker.room() == 2
+        new = await _send(services, tenant, ["new@dest.test"], services.handoff)
+        await asyncio.wait_for(smtp_sink.wait_for(1), 10)
+        assert (services.handoff.handed, services.handoff.stored_queued) == (1, 0)
+        assert smtp_sink.messages[0].rcpt_tos == ["new@dest.test"]
+        gate.set()
+        await asyncio.wait_for(smtp_sink.wait_for(6), 10)  # the backlog drains too
+        for _ in range(200):
+            statuses = {await services.db.one(
+                "SELECT VALUE status FROM ONLY type::thing('message', $id)", {"id": m["id"]})
+                for m in [*backlog, new]}
+            if statuses == {"DELIVERED"}:
+                break
+            await asyncio.sleep(0.05)
+        assert statuses == {"DELIVERED"}
+        assert worker.room() == 8  # the backlog is gone: every slot is free for new mail
+    finally:
+        gate.set()
+        stop.set()
+        await run
+        await services.db.close()

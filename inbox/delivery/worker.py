@@ -87,16 +87,29 @@ class DeliveryWorker:
         # Due jobs may be waiting in the database (true at start: earlier runs may have left
         # some); cleared when a lease comes back short.
         self._backlog = True
+        self._leasing = 0  # jobs being leased and loaded, not yet started
 
     # -- the handoff's side (delivery/handoff.py): jobs stored already leased to us ---------
 
     def room(self) -> int:
-        """Free delivery slots. None while stopping, and none while queued work may be
-        waiting: new mail must not overtake the backlog, so it is stored queued and leased
-        in turn until a lease finds the queue drained."""
-        if self._stopping or self._backlog:
+        """Free delivery slots for new mail. None while stopping. While queued work may be
+        waiting, a quarter of the slots (the lease share) is kept for leasing it, so the
+        backlog drains even under sustained load; new mail still goes straight out with the
+        rest. Storing new mail queued whenever a backlog existed (as before) made a burst
+        permanent: leasing and loading back costs the engine more per message than the
+        handoff, so under load the queue never drained (measured: after a start-up burst at
+        C=32, 2403 of 3000 sends took the queued path, 224/s)."""
+        if self._stopping:
             return 0
-        return self.settings.SMTP_OUTBOUND_CONCURRENCY - len(self._delivering)
+        free = self.settings.SMTP_OUTBOUND_CONCURRENCY - len(self._delivering) - self._leasing
+        if self._backlog:
+            free -= self._lease_share()
+        return max(0, free)
+
+    def _lease_share(self) -> int:
+        """Free slots the run loop waits for before it leases (one lease costs the engine
+        about as much for 1 job as for 16)."""
+        return max(1, self.settings.SMTP_OUTBOUND_CONCURRENCY // 4)
 
     def take(self, handed: list[Handed]) -> None:
         """Start jobs committed with our lease. While stopping they are left to the final
@@ -127,9 +140,8 @@ class DeliveryWorker:
                 asked = min(free, s.SMTP_OUTBOUND_QUEUE_BATCH_SIZE)
                 if free <= 0:
                     self._backlog = True  # woken or polled while full: look when room frees
-                elif free >= max(1, limit // 4) or not self._tasks:
-                    # One lease costs the engine about as much for 1 job as for 16: wait for a
-                    # quarter of the slots rather than lease each one as it frees.
+                elif free >= self._lease_share() or not self._tasks:
+                    self._leasing = asked  # slots the handoff must not promise meanwhile
                     try:
                         jobs = await self.queue.lease(self.name, asked,
                                                       s.SMTP_OUTBOUND_QUEUE_LEASE_SECS,
@@ -137,13 +149,15 @@ class DeliveryWorker:
                     except InboxError:
                         log.exception("lease failed; retrying after the poll interval")
                         jobs = []
-                    leased = len(jobs)
+                    leased = self._leasing = len(jobs)
                     self._backlog = leased == asked
                     try:
                         loaded = await self.queue.load_many(jobs)
                     except InboxError:
                         log.exception("loading leased jobs failed; each job loads on its own")
                         loaded = {}
+                    finally:
+                        self._leasing = 0
                     for job in jobs:
                         self._start(job, loaded.get(job["id"]))
                 if loop.time() >= self._next_cleanup:
