@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -99,9 +100,9 @@ COMMIT TRANSACTION;"""
     calls: list[str] = []
     query = db._query
 
-    async def counting(sql: str, params: object) -> dict[str, object]:
+    async def counting(sql: str, *args: Any) -> dict[str, object]:
         calls.append(sql)
-        return await query(sql, params)  # type: ignore[arg-type]
+        return await query(sql, *args)
 
     db._query = counting  # type: ignore[method-assign]
     ok = [db.run_grouped(SQL, {"n": n}, procedure=True) for n in (1, 2, 4, 5)]
