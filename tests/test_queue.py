@@ -285,3 +285,48 @@ async def test_expired_leases_are_found_through_job_due(open_services: Any,
     assert await services.queue.release("w2", now + timedelta(seconds=32)) == 3
     again = await services.queue.lease("w3", 10, 30, now + timedelta(seconds=32))
     assert len(again) == 3
+
+
+async def test_one_completion_updates_alike_recipients_together_and_each_as_told(
+    open_services: Any, dns_server: Any
+) -> None:
+    from inbox.delivery.queue import JobOutcome, Queue, RecipientOutcome
+
+    services = await open_services()
+    tenant = await make_tenant(services, dns_server)
+    ids = await _submit_many(services, tenant, 5)
+    now = services.clock()
+    jobs = sorted(await services.queue.lease("w1", 5, 30, now), key=lambda j: j["message"])
+    assert [j["message"] for j in jobs] == sorted(ids)
+    plain_tls = {"used": False, "policy": "opportunistic", "reason": "STARTTLS not offered"}
+    tls = {"used": True, "version": "TLSv1.3", "policy": "opportunistic", "mx": "mx.dest.test"}
+    told = [("DELIVERED", "250 ok", plain_tls), ("DELIVERED", "250 ok", {**plain_tls}),
+            ("DELIVERED", "250 ok", tls), ("BOUNCED", "550 5.1.1 no such user", plain_tls),
+            ("DEFERRED", "451 4.3.0 try later", plain_tls)]
+    outcomes = []
+    for job, (status, reply, job_tls) in zip(jobs, told, strict=True):
+        rcpt = (await services.queue.load(job))[2][0]
+        outcomes.append(JobOutcome(
+            job, [RecipientOutcome(rcpt["id"], rcpt["address"], status, reply)],
+            next_due=now + timedelta(minutes=5) if status == "DEFERRED" else None,
+            tls=job_tls))
+    # Equal values share one update; a different TLS outcome or status gets its own.
+    batch = Queue._batch(outcomes, "w1", now)
+    assert sorted(len(u["ids"]) for u in batch["updates"]) == [1, 1, 1, 2]
+    assert {k["status"]: len(k["ids"]) for k in batch["known"]} == {
+        "DELIVERED": 3, "FAILED": 1, "DEFERRED": 1}
+    assert await services.queue.complete_many(outcomes, "w1", now) == set()
+    for job, (status, reply, job_tls) in zip(jobs, told, strict=True):
+        row = await services.db.one(
+            "SELECT * FROM ONLY recipient WHERE message = $m LIMIT 1", {"m": job["message"]})
+        assert (row["status"], row["last_response"], row["attempts"]) == (status, reply, 1)
+        message = await services.db.one(
+            "SELECT VALUE status FROM ONLY type::thing('message', $m)", {"m": job["message"]})
+        assert message == {"DELIVERED": "DELIVERED", "BOUNCED": "FAILED",
+                           "DEFERRED": "DEFERRED"}[status]
+        if status == "DEFERRED":
+            assert row.get("final_event") is None and row["next_attempt_at"] is not None
+        else:
+            assert row["final_event"]["type"] == status
+            assert row["final_event"]["detail"] == reply
+            assert row["final_event"]["tls"] == {k: v for k, v in job_tls.items()}

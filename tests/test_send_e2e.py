@@ -77,15 +77,26 @@ async def test_final_events_read_the_same_from_recipient_rows_and_old_event_rows
     msg_id = result["data"]["sendEmail"]["message"]["id"]
     now = await wait_status(stack.api, tenant.key, msg_id, {"DELIVERED"})
     db = stack.services.db
-    finals = await db.one("SELECT VALUE final_event FROM recipient WHERE message = $m",
-                          {"m": msg_id})
-    assert sorted(f["type"] for f in finals) == ["DELIVERED", "DELIVERED"]
+    rows = await db.one("SELECT id, address, final_event FROM recipient WHERE message = $m",
+                        {"m": msg_id})
+    assert sorted(r["final_event"]["type"] for r in rows) == ["DELIVERED", "DELIVERED"]
+    # Final events on recipient rows leave the address out (the row has it); older ones,
+    # whether on the row or in event rows, named it.
+    assert all("recipient" not in r["final_event"] for r in rows)
+    named = [{**r["final_event"], "recipient": r["address"]} for r in rows]
     await db.run("UPDATE recipient SET final_event = NONE WHERE message = $m;"
                  "INSERT INTO event $rows RETURN NONE;",
                  {"m": msg_id, "rows": [{**f, "org": tenant.org, "message": msg_id}
-                                        for f in finals]})
+                                        for f in named]})
     moved = await wait_status(stack.api, tenant.key, msg_id, {"DELIVERED"})
     assert moved["events"] == now["events"] and len(now["events"]) == 3
+    assert {e["recipient"] for e in now["events"]} == {None, "alice@dest.test", "bob@dest.test"}
+    for r in rows:  # as older versions kept them on the row
+        await db.run("UPDATE type::thing('recipient', $id) SET final_event = $f",
+                     {"id": r["id"], "f": {**r["final_event"], "recipient": r["address"]}})
+    await db.run("DELETE event WHERE message = $m", {"m": msg_id})
+    kept = await wait_status(stack.api, tenant.key, msg_id, {"DELIVERED"})
+    assert kept["events"] == now["events"]
 
 
 async def test_opendkim_verifies_a_delivered_message(stack: Stack, smtp_sink: Any,

@@ -161,7 +161,9 @@ class Message:
         # Event rows (DEFERRED attempts; every event of mail stored before final events moved)
         # and each recipient's final event, kept on its row (delivery/queue.py), in time order.
         rows = list(await info.context.load_events(str(self.id)))
-        rows += [r["final_event"] for r in await info.context.load_recipients(str(self.id))
+        # A final event leaves out the address, which its row has (older ones kept it).
+        rows += [{"recipient": r["address"], **r["final_event"]}
+                 for r in await info.context.load_recipients(str(self.id))
                  if r.get("final_event")]
         # Events of one completion share `at`; those go by recipient, wherever they are kept.
         rows.sort(key=lambda r: (r["at"], r.get("recipient") or ""))
