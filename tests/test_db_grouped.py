@@ -127,3 +127,22 @@ COMMIT TRANSACTION;"""
     assert isinstance(mixed[1], DbThrow) and mixed[1].throw_code == "BAD_TAG"
     assert await db.one("SELECT VALUE v FROM item WHERE v IN [7, 8] ORDER BY v") == [7, 8]
     assert await db.one("SELECT VALUE tag FROM note WHERE tag IN ['bad', 'd']") == ["d"]
+
+
+async def test_a_failing_flush_fails_its_members_and_the_next_group_still_runs(
+        db: Database) -> None:
+    query = db._query
+    broken = True
+
+    async def failing(sql: str, *args: Any) -> dict[str, object]:
+        if broken:
+            raise TypeError("a bug in the flush")  # not an InboxError
+        return await query(sql, *args)
+
+    db._query = failing  # type: ignore[method-assign]
+    first = await asyncio.gather(*(db.run_grouped(SQL, {"n": n}) for n in (1, 2)),
+                                 return_exceptions=True)
+    assert [type(r).__name__ for r in first] == ["StorageUnavailable", "StorageUnavailable"]
+    broken = False
+    assert await asyncio.wait_for(db.run_grouped(SQL, {"n": 4}), 10) is not None
+    assert await db.one("SELECT VALUE v FROM item ORDER BY v") == [4]
