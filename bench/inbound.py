@@ -46,11 +46,14 @@ sys.path.insert(0, str(ROOT))
 from bench.common import (  # noqa: E402
     Profiler,
     cli,
+    cpu_reference_ms,
     cpu_seconds,
+    cpu_times,
     free_port,
     inbox_env,
     log,
     peak_rss_mb,
+    steal_pct,
     stop,
     wait_port,
 )
@@ -193,6 +196,8 @@ def main() -> None:
         wait_port(port, proc, "inbox serve")
         asyncio.run(run_load(port, messages[sizes[0]], 20, 2))  # warm-up
         profiler = Profiler(proc.pid, args.profile, tmp) if args.profile else None
+        result["cpu_ref_ms"] = cpu_reference_ms()
+        times0 = cpu_times()
         for size in sizes:
             total = args.messages if size <= 4096 else max(20, args.messages // 4)
             for count in session_counts:
@@ -206,6 +211,7 @@ def main() -> None:
                 samples += counter.samples
                 log(f"inbox   {name}: {rate:7.1f} msg/s ({counter.ok} ok, "
                     f"{counter.errors} errors)")
+        result["steal_pct"] = steal_pct(times0, cpu_times())
         if profiler is not None:
             profiler.stop()
         result["peak_rss_mb"] = peak_rss_mb(proc.pid)

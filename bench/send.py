@@ -54,11 +54,14 @@ from bench.common import (  # noqa: E402
     Profiler,
     cli,
     cpu_parts,
+    cpu_reference_ms,
     cpu_seconds,
+    cpu_times,
     free_port,
     inbox_env,
     log,
     peak_rss_mb,
+    steal_pct,
     stop,
     wait_port,
 )
@@ -383,8 +386,9 @@ async def benchmark(args: argparse.Namespace, base_url: str, key: str, server_pi
 
             log(f"sending {args.messages} messages with {args.concurrency} clients "
                 f"({args.client})")
+            cpu_ref = cpu_reference_ms()
             cpu0, pcpu0 = cpu_seconds(server_pid), time.process_time()
-            parts0 = cpu_parts(server_pid)
+            parts0, times0 = cpu_parts(server_pid), cpu_times()
             load, t0, t_accepted = await asyncio.wait_for(
                 run_load(posts, args.messages, 0, tag, text), timeout=args.send_timeout)
             log(f"accepted {len(load.accepted)} in {t_accepted - t0:.2f}s; {load.errors} errors"
@@ -392,7 +396,7 @@ async def benchmark(args: argparse.Namespace, base_url: str, key: str, server_pi
             delivered = await wait_delivered(api, load.accepted, args.timeout)
             t_end = time.time()
             cpu1, pcpu1 = cpu_seconds(server_pid), time.process_time()
-            parts1 = cpu_parts(server_pid)
+            parts1, times1 = cpu_parts(server_pid), cpu_times()
         finally:
             for raw in raws:
                 await raw.close()
@@ -420,6 +424,8 @@ async def benchmark(args: argparse.Namespace, base_url: str, key: str, server_pi
         # Server CPU per delivered message, by part (see cpu_parts).
         **{f"cpu_ms_per_msg_{part}": round((parts1[part] - parts0[part]) * 1000
                                            / max(1, len(delivered)), 2) for part in parts0},
+        "cpu_ref_ms": cpu_ref,
+        "steal_pct": steal_pct(times0, times1),
     }
     return result
 
