@@ -5,6 +5,7 @@ jobs loses them to the next lease after expiry; a failed store gives the room ba
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -225,6 +226,58 @@ async def test_new_mail_goes_out_beside_a_backlog_and_a_lease_in_progress_holds_
         assert worker.room() == 8  # the backlog is gone: every slot is free for new mail
     finally:
         gate.set()
+        stop.set()
+        await run
+        await services.db.close()
+
+
+async def test_queued_mail_woken_while_slots_are_short_of_a_lease_goes_out_when_they_free(
+        tmp_path: Any, dns_server: Any, smtp_sink: Any) -> None:
+    # 8 slots, a lease share of 2. The queue is empty at start, so the worker does not expect
+    # a backlog. Then 7 deliveries hold 7 slots and a message is stored queued (a send whose
+    # claim lost the last slot to another send) and the worker woken: 1 free slot is less than
+    # a lease is worth, so it waits. It must look again when slots free, not at the next poll
+    # (a minute here; by default a second, which was the ~1.1 s tail of the send benchmark's
+    # accepted-to-delivered latency).
+    settings = make_settings(tmp_path, dns_server, INBOX_DB_SYNC="false",
+                             SMTP_OUTBOUND_PORT=smtp_sink.port, SMTP_OUTBOUND_CONCURRENCY=8,
+                             SMTP_OUTBOUND_QUEUE_POLL_SECS="60")
+    services = await build_services(settings)
+    tenant = await make_tenant(services, dns_server)
+    route_to_sink(dns_server, "dest.test")
+    worker = services.worker()
+    leases = 0
+    lease = services.queue.lease
+
+    async def counted(*args: Any) -> Any:
+        nonlocal leases
+        leases += 1
+        return await lease(*args)
+
+    services.queue.lease = counted  # type: ignore[method-assign]
+    hold = smtp_sink.hold_data = threading.Event()
+    stop = asyncio.Event()
+    run = asyncio.create_task(worker.run(stop))
+    try:
+        for _ in range(100):  # the first lease finds the queue empty
+            if leases and not worker._backlog:
+                break
+            await asyncio.sleep(0.02)
+        held = [await _send(services, tenant, [f"h{i}@dest.test"], services.handoff)
+                for i in range(7)]
+        assert (services.handoff.handed, worker.room()) == (7, 1)
+        queued = await _send(services, tenant, ["q@dest.test"], None)
+        services.handoff.queued(1)
+        for _ in range(50):  # the worker wakes, finds 1 free slot and waits
+            await asyncio.sleep(0.02)
+        assert leases == 1
+        hold.set()
+        await asyncio.wait_for(smtp_sink.wait_for(8), 10)
+        assert "q@dest.test" in {m.rcpt_tos[0] for m in smtp_sink.messages}
+        assert (await _jobs(services, queued["id"]))[0]["status"] in ("processing", "done")
+        assert len(held) == 7
+    finally:
+        hold.set()
         stop.set()
         await run
         await services.db.close()
