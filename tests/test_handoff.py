@@ -281,3 +281,47 @@ async def test_queued_mail_woken_while_slots_are_short_of_a_lease_goes_out_when_
         stop.set()
         await run
         await services.db.close()
+
+
+async def test_a_wakeup_during_a_lease_is_not_lost(
+        tmp_path: Any, dns_server: Any, smtp_sink: Any) -> None:
+    # A message stored queued (and the worker woken) while the worker's lease is on its way
+    # back, empty: the worker must lease again at once, not sleep until the next poll (60 s
+    # here; by default 1 s, seen as jobs started ~1.08 s after they were stored in the send
+    # benchmark).
+    settings = make_settings(tmp_path, dns_server, INBOX_DB_SYNC="false",
+                             SMTP_OUTBOUND_PORT=smtp_sink.port,
+                             SMTP_OUTBOUND_QUEUE_POLL_SECS="60")
+    services = await build_services(settings)
+    tenant = await make_tenant(services, dns_server)
+    route_to_sink(dns_server, "dest.test")
+    worker = services.worker()
+    returning, gate = asyncio.Event(), asyncio.Event()
+    lease = services.queue.lease
+    leases = 0
+
+    async def held(*args: Any) -> Any:  # the first lease finds nothing, then waits to return
+        nonlocal leases
+        leases += 1
+        jobs = await lease(*args)
+        if leases == 1:
+            returning.set()
+            await gate.wait()
+        return jobs
+
+    services.queue.lease = held  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    run = asyncio.create_task(worker.run(stop))
+    try:
+        await asyncio.wait_for(returning.wait(), 10)
+        await _send(services, tenant, ["q@dest.test"], None)
+        services.handoff.queued(1)
+        gate.set()
+        await asyncio.wait_for(smtp_sink.wait_for(1), 10)
+        assert smtp_sink.messages[0].rcpt_tos == ["q@dest.test"]
+        assert leases == 2
+    finally:
+        gate.set()
+        stop.set()
+        await run
+        await services.db.close()

@@ -134,6 +134,10 @@ class DeliveryWorker:
             self.handoff.attach(self)
         try:
             while not stop.is_set():
+                # Cleared before looking, not after: a wakeup while we lease (a send stored
+                # queued meanwhile) then ends the wait below at once instead of being lost
+                # until the next poll.
+                self.wakeup.clear()
                 leased = 0
                 free = limit - len(self._delivering) - (
                     self.handoff.reserved(self) if self.handoff is not None else 0)
@@ -169,7 +173,6 @@ class DeliveryWorker:
                     await self._cleanup()
                 if leased and leased == asked:
                     continue  # there may be more due work right now
-                self.wakeup.clear()
                 waiters = [asyncio.ensure_future(self.wakeup.wait()),
                            asyncio.ensure_future(stop.wait())]
                 await asyncio.wait(waiters, timeout=s.SMTP_OUTBOUND_QUEUE_POLL_SECS,
