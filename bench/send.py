@@ -416,8 +416,10 @@ async def benchmark(args: argparse.Namespace, base_url: str, key: str, server_pi
         "e2e_p99_ms": round(percentile(e2e, 0.99) * 1000, 1),
         "peak_rss_mb": peak_rss_mb(server_pid),
         "errors": load.errors,
+        **({"error_samples": load.error_samples[:3]} if load.errors else {}),
         "delivered": len(delivered),
         "sink": args.sink,
+        "tlsrpt": args.tlsrpt,
         "client": args.client,
         "server_cpu_cores": round((cpu1 - cpu0) / measured, 2),
         "client_cpu_cores": round((pcpu1 - pcpu0) / measured, 2),
@@ -463,6 +465,9 @@ def main() -> int:
                    help="py-spy record the server (GIL-holding stacks, collapsed format) "
                         "from start-up to the end of the run")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--tlsrpt", action="store_true",
+                   help="the recipient domain publishes a TLS-RPT record (RFC 8460), as most "
+                        "large mailbox providers do: every delivery's TLS outcome is counted")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="a setting for the service (repeatable), e.g. SMTP_OUTBOUND_PROCESS=off")
     args = p.parse_args()
@@ -506,6 +511,9 @@ def main() -> int:
                 dns.add(record["name"], record["type"], record["value"])
         dns.add(RCPT_DOMAIN, "MX", f"10 mx.{RCPT_DOMAIN}.")
         dns.add(f"mx.{RCPT_DOMAIN}", "A", "127.0.0.1")
+        if args.tlsrpt:  # the recipient domain asks for TLS reports, as the big providers do
+            dns.add_txt(f"_smtp._tls.{RCPT_DOMAIN}",
+                        f"v=TLSRPTv1; rua=mailto:tls-reports@{RCPT_DOMAIN}")
         key = cli(env, "apikey", "create", org, "--scope", "send", "--scope", "read")["key"]
         log(f"tenant {org}: {SENDER_DOMAIN} verified, {len(domain['records'])} DNS records")
 

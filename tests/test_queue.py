@@ -330,3 +330,42 @@ async def test_one_completion_updates_alike_recipients_together_and_each_as_told
             assert row["final_event"]["type"] == status
             assert row["final_event"]["detail"] == reply
             assert row["final_event"]["tls"] == {k: v for k, v in job_tls.items()}
+
+
+async def test_tls_report_counts_are_written_with_the_results_they_belong_to(
+    open_services: Any, dns_server: Any
+) -> None:
+    # TLS-RPT counters (RFC 8460) go into the completion's transaction, summed per counter:
+    # three successes at one MX make n = 3 with one write; a failure is its own counter; the
+    # counts of an attempt whose lease was lost are not written (its result is not either).
+    from inbox.delivery import tlsrpt
+    from inbox.delivery.queue import JobOutcome, RecipientOutcome
+
+    services = await open_services()
+    tenant = await make_tenant(services, dns_server)
+    await tlsrpt.record(services.db, day=services.clock().date(), policy_domain="dest.test",
+                        policy_type="no-policy-found", policy_strings=[],
+                        mx_host="mx.dest.test", success=True)  # counted before: n adds up
+    await _submit_many(services, tenant, 5)
+    now = services.clock()
+    day = now.date()
+    jobs = sorted(await services.queue.lease("w1", 5, 30, now), key=lambda j: j["message"])
+    ok = tlsrpt.counter(day=day, policy_domain="dest.test", policy_type="no-policy-found",
+                        policy_strings=[], mx_host="MX.dest.test.", success=True)
+    bad = tlsrpt.counter(day=day, policy_domain="dest.test", policy_type="no-policy-found",
+                         policy_strings=[], mx_host="mx.dest.test", success=False,
+                         result_type="starttls-not-supported", receiving_ip="127.0.0.1")
+    outcomes = []
+    for job, counts in zip(jobs, [[ok], [ok], [ok, bad], [], [ok]], strict=True):
+        rcpt = (await services.queue.load(job))[2][0]
+        outcomes.append(JobOutcome(
+            job, [RecipientOutcome(rcpt["id"], rcpt["address"], "DELIVERED", "250 ok")],
+            tlsrpt=counts))
+    # The last job's lease is taken over by another worker before we complete.
+    await services.db.run("UPDATE type::thing('job', $id) SET owner = 'w2'",
+                          {"id": jobs[-1]["id"]})
+    assert await services.queue.complete_many(outcomes, "w1", now) == {jobs[-1]["id"]}
+    rows = await tlsrpt.counters(services.db, day=day, policy_domain="dest.test")
+    got = sorted((r["success"], r.get("result_type"), r["mx_host"], r["n"]) for r in rows)
+    assert got == [(False, "starttls-not-supported", "mx.dest.test", 1),
+                   (True, None, "mx.dest.test", 4)]

@@ -78,6 +78,14 @@ FOR $q IN $unqueue {
   UPSERT type::thing('quota_counter', [$q.domain, 'send']) SET queued = (queued OR 0) - $q.n
     RETURN NONE;
 };
+FOR $t IN $tlsrpt {
+  UPSERT type::thing('tlsrpt_counter', $t.id) SET n += $t.n, day = $t.day,
+    policy_domain = $t.policy_domain, policy_type = $t.policy_type,
+    policy_strings = $t.policy_strings, mx_host = $t.mx_host, success = $t.success,
+    result_type = $t.result_type, sending_ip = $t.sending_ip, receiving_ip = $t.receiving_ip,
+    receiving_mx_helo = $t.receiving_mx_helo, failure_reason = $t.failure_reason
+    RETURN NONE;
+};
 FOR $m IN $known {
   UPDATE $m.ids SET status = $m.status, updated_at = $now RETURN NONE;
 };
@@ -144,6 +152,9 @@ class JobOutcome:
     next_due: datetime | None = None  # set when some recipients are deferred
     detail: str = ""
     tls: dict[str, Any] | None = None  # the attempt's TLS outcome (TlsOutcome.as_dict + mx)
+    # TLS-RPT counters this attempt adds 1 to (tlsrpt.counter: id, columns), when the
+    # recipient domain asks for reports; counted in the same transaction as the results.
+    tlsrpt: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 # A job's message row, raw bytes and recipients still to deliver.
@@ -238,6 +249,7 @@ class Queue:
         unqueue: dict[str, int] = {}
         messages: dict[str, None] = {}
         known: dict[str, list[RecordID]] = {}  # status -> messages
+        tlsrpt: dict[str, dict[str, Any]] = {}  # counter id -> its columns and increment
         alike: dict[Any, dict[str, Any]] = {}  # recipients given the same values
         for outcome in outcomes:
             job, recipients = outcome.job, outcome.recipients
@@ -247,6 +259,11 @@ class Queue:
                 known.setdefault(status, []).append(RecordID("message", job["message"]))
             else:
                 messages[job["message"]] = None
+            for counter_id, columns in outcome.tlsrpt:
+                item = tlsrpt.get(counter_id)
+                if item is None:
+                    item = tlsrpt[counter_id] = {"id": counter_id, "n": 0, **columns}
+                item["n"] += 1
             tls_key = _tls_key(outcome.tls)
             for r in recipients:
                 final = r.status != "DEFERRED"
@@ -288,6 +305,7 @@ class Queue:
             "unqueue": [{"domain": d, "n": n} for d, n in unqueue.items()],
             "messages": list(messages),
             "known": [{"ids": ids, "status": status} for status, ids in known.items()],
+            "tlsrpt": list(tlsrpt.values()),
         }
 
     async def release(self, owner: str, now: datetime | None = None) -> int:

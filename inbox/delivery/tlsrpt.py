@@ -61,6 +61,21 @@ async def record(db: Any, *, day: date, policy_domain: str, policy_type: str,
                  receiving_ip: str = "", receiving_mx_helo: str = "",
                  failure_reason: str = "") -> None:
     """Count one delivery attempt's TLS outcome (one UPSERT; concurrent calls add up).
+    Deliveries count theirs in the transaction that records their results instead
+    (`counter` here, `JobOutcome.tlsrpt` in queue.py)."""
+    counter_id, row = counter(
+        day=day, policy_domain=policy_domain, policy_type=policy_type,
+        policy_strings=policy_strings, mx_host=mx_host, success=success,
+        result_type=result_type, sending_ip=sending_ip, receiving_ip=receiving_ip,
+        receiving_mx_helo=receiving_mx_helo, failure_reason=failure_reason)
+    await db.run(_RECORD, {"id": counter_id, **row})
+
+
+def counter(*, day: date, policy_domain: str, policy_type: str, policy_strings: list[str],
+            mx_host: str, success: bool, result_type: str | None = None,
+            sending_ip: str = "", receiving_ip: str = "", receiving_mx_helo: str = "",
+            failure_reason: str = "") -> tuple[str, dict[str, Any]]:
+    """The counter one TLS outcome adds 1 to: its id and its columns (all but `n`).
 
     The counter key is (day, policy domain, policy type + strings, MX host, outcome); a failure's
     outcome also holds its result type, IPs, HELO name and reason code (RFC 8460 §4.4
@@ -94,9 +109,9 @@ async def record(db: Any, *, day: date, policy_domain: str, policy_type: str,
                      sort_keys=True, separators=(",", ":"))
     # The id carries the day first so a day's counters are easy to find and prune by eye.
     counter_id = f"{day_text}_{hashlib.sha256(key.encode()).hexdigest()[:40]}"
-    await db.run(_RECORD, {"id": counter_id, "day": day_text, "policy_domain": domain,
-                           "policy_type": policy_type, "policy_strings": strings,
-                           "mx_host": mx, "success": bool(success), **outcome})
+    return counter_id, {"day": day_text, "policy_domain": domain, "policy_type": policy_type,
+                        "policy_strings": strings, "mx_host": mx, "success": bool(success),
+                        **outcome}
 
 
 async def counters(db: Any, *, day: date, policy_domain: str | None = None

@@ -251,7 +251,7 @@ class DeliveryWorker:
                 mx = result.mx or (result.tls_reports[-1].mx_host if result.tls_reports
                                    else result.host)
                 outcome.tls = {**result.tls.as_dict(), "mx": mx}
-            await self._report_tls(job["rcpt_domain"], result)
+            outcome.tlsrpt = await self._tls_counters(job["rcpt_domain"], result)
             span.set_attribute("inbox.statuses", ",".join(r.status for r in outcome.recipients))
             if not await self._completer.complete(outcome):
                 log.warning("lease on %s was lost before completion; another worker owns it",
@@ -335,30 +335,36 @@ class DeliveryWorker:
             self._dnssec_overrides[key] = hit
         return default if hit[1] is None else bool(hit[1])
 
-    async def _report_tls(self, domain: str, result: AttemptResult) -> None:
-        """Count this attempt's TLS outcomes for TLS-RPT, when the domain asks for reports
-        (RFC 8460 §3: a `_smtp._tls` TXT record); the daily report job sends them."""
+    async def _tls_counters(self, domain: str, result: AttemptResult
+                            ) -> list[tuple[str, dict[str, Any]]]:
+        """The TLS-RPT counters this attempt's TLS outcomes add to, when the domain asks for
+        reports (RFC 8460 §3: a `_smtp._tls` TXT record); the daily report job sends them.
+        They are written with the attempt's results, in the same transaction: most large
+        mailbox providers publish the record, and a write of its own per delivery cost the
+        engine a call (and a commit) per message."""
         if not result.tls_reports:
-            return
+            return []
         from inbox.delivery import tlsrpt
 
         try:
             texts = list(await self.resolver.txt(f"_smtp._tls.{domain}"))
         except (DnsNotFound, DnsTemporary):
-            return
+            return []
         if tlsrpt.select_record(texts) is None:
-            return
+            return []
         day = self.clock().date()
+        counters = []
         for report in result.tls_reports:
             try:
-                await tlsrpt.record(
-                    self.queue.db, day=day, policy_domain=domain,
+                counters.append(tlsrpt.counter(
+                    day=day, policy_domain=domain,
                     policy_type=report.policy_type, policy_strings=list(report.policy_strings),
                     mx_host=report.mx_host, success=report.success,
                     result_type=report.result_type, receiving_ip=report.receiving_ip,
-                    failure_reason=report.reason)
+                    failure_reason=report.reason))
             except InboxError:
                 log.warning("could not count a TLS-RPT result for %s", domain, exc_info=True)
+        return counters
 
     def _decide(self, job: dict[str, Any], rcpts: list[dict[str, Any]],
                 result: AttemptResult) -> JobOutcome:
