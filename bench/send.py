@@ -8,6 +8,7 @@ are DELIVERED, reading each message's `updatedAt` (when it became DELIVERED) fro
 
 Run: python bench/send.py [--messages N] [--concurrency C] [--sink postfix|aiosmtpd]
                           [--client raw|httpx] [--timeout SECS] [--profile FILE] [--keep]
+                          [--tlsrpt]
 
 Prints one JSON line on stdout (progress goes to stderr):
   accepted_per_s   N / (last API acceptance − first send)
