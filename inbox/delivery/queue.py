@@ -15,6 +15,7 @@ from typing import Any
 
 from surrealdb import RecordID
 
+from inbox.delivery import tlsrpt
 from inbox.storage import Database, new_id
 from inbox.storage.db import DbThrow
 
@@ -78,15 +79,7 @@ FOR $q IN $unqueue {
   UPSERT type::thing('quota_counter', [$q.domain, 'send']) SET queued = (queued OR 0) - $q.n
     RETURN NONE;
 };
-FOR $t IN $tlsrpt {
-  UPSERT type::thing('tlsrpt_counter', $t.id) SET n += $t.n, day = $t.day,
-    policy_domain = $t.policy_domain, policy_type = $t.policy_type,
-    policy_strings = $t.policy_strings, mx_host = $t.mx_host, success = $t.success,
-    result_type = $t.result_type, sending_ip = $t.sending_ip, receiving_ip = $t.receiving_ip,
-    receiving_mx_helo = $t.receiving_mx_helo, failure_reason = $t.failure_reason
-    RETURN NONE;
-};
-FOR $m IN $known {
+""" + tlsrpt.COUNT + """FOR $m IN $known {
   UPDATE $m.ids SET status = $m.status, updated_at = $now RETURN NONE;
 };
 FOR $m IN $messages {

@@ -33,13 +33,16 @@ MAX_FIELD_CHARS = 255
 # RFC 8460 §3: the TXT record lives at this prefix of the policy domain.
 TXT_PREFIX = "_smtp._tls."
 
-_RECORD = """
-UPSERT type::thing('tlsrpt_counter', $id) SET n += 1, day = $day,
-  policy_domain = $policy_domain, policy_type = $policy_type, policy_strings = $policy_strings,
-  mx_host = $mx_host, success = $success, result_type = $result_type,
-  sending_ip = $sending_ip, receiving_ip = $receiving_ip,
-  receiving_mx_helo = $receiving_mx_helo, failure_reason = $failure_reason
-  RETURN NONE;
+# Adds each item's `n` to its counter; an item is `counter`'s id and columns plus `n`. The
+# completion's transaction runs it for a batch of deliveries (queue.py), `record` for one.
+COUNT = """FOR $t IN $tlsrpt {
+  UPSERT type::thing('tlsrpt_counter', $t.id) SET n += $t.n, day = $t.day,
+    policy_domain = $t.policy_domain, policy_type = $t.policy_type,
+    policy_strings = $t.policy_strings, mx_host = $t.mx_host, success = $t.success,
+    result_type = $t.result_type, sending_ip = $t.sending_ip, receiving_ip = $t.receiving_ip,
+    receiving_mx_helo = $t.receiving_mx_helo, failure_reason = $t.failure_reason
+    RETURN NONE;
+};
 """
 
 
@@ -68,7 +71,7 @@ async def record(db: Any, *, day: date, policy_domain: str, policy_type: str,
         policy_strings=policy_strings, mx_host=mx_host, success=success,
         result_type=result_type, sending_ip=sending_ip, receiving_ip=receiving_ip,
         receiving_mx_helo=receiving_mx_helo, failure_reason=failure_reason)
-    await db.run(_RECORD, {"id": counter_id, **row})
+    await db.run(COUNT, {"tlsrpt": [{"id": counter_id, "n": 1, **row}]})
 
 
 def counter(*, day: date, policy_domain: str, policy_type: str, policy_strings: list[str],

@@ -20,6 +20,7 @@ from typing import Any
 
 from opentelemetry import trace
 
+from inbox.delivery import tlsrpt
 from inbox.delivery.bounces import suppression_scope
 from inbox.delivery.completer import Completer
 from inbox.delivery.handoff import Handed, Handoff
@@ -344,8 +345,6 @@ class DeliveryWorker:
         engine a call (and a commit) per message."""
         if not result.tls_reports:
             return []
-        from inbox.delivery import tlsrpt
-
         try:
             texts = list(await self.resolver.txt(f"_smtp._tls.{domain}"))
         except (DnsNotFound, DnsTemporary):
