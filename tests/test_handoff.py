@@ -5,6 +5,7 @@ jobs loses them to the next lease after expiry; a failed store gives the room ba
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -57,6 +58,34 @@ async def _send(services: Any, tenant: Any, to: list[str], handoff: Handoff | No
 async def _jobs(services: Any, message_id: str) -> list[dict[str, Any]]:
     return await services.db.one("SELECT * FROM job WHERE message = $m ORDER BY id",
                                  {"m": message_id}) or []
+
+
+async def _stack(tmp_path: Any, dns_server: Any, smtp_sink: Any, **settings: Any
+                 ) -> tuple[Any, Any]:
+    """Services delivering to `smtp_sink` for dest.test, whose workers poll rarely (only a
+    wakeup or a handoff starts work at once), and a tenant."""
+    services = await build_services(make_settings(
+        tmp_path, dns_server, INBOX_DB_SYNC="false", SMTP_OUTBOUND_PORT=smtp_sink.port,
+        SMTP_OUTBOUND_QUEUE_POLL_SECS="60", **settings))
+    tenant = await make_tenant(services, dns_server)
+    route_to_sink(dns_server, "dest.test")
+    return services, tenant
+
+
+@contextlib.asynccontextmanager
+async def _running(services: Any, worker: Any, *held: Any) -> AsyncIterator[None]:
+    """`worker` running; on the way out the `held` gates are opened, the worker stopped and
+    the database closed."""
+    stop = asyncio.Event()
+    run = asyncio.create_task(worker.run(stop))
+    try:
+        yield
+    finally:
+        for gate in held:
+            gate.set()
+        stop.set()
+        await run
+        await services.db.close()
 
 
 async def test_a_stored_message_goes_straight_to_a_local_worker(
@@ -136,12 +165,7 @@ async def test_a_refused_send_gives_the_room_back(services: Any, dns_server: Any
 
 async def test_a_slow_result_write_does_not_hold_a_delivery_slot(
         tmp_path: Any, dns_server: Any, smtp_sink: Any) -> None:
-    settings = make_settings(tmp_path, dns_server, INBOX_DB_SYNC="false",
-                             SMTP_OUTBOUND_PORT=smtp_sink.port, SMTP_OUTBOUND_CONCURRENCY=1,
-                             SMTP_OUTBOUND_QUEUE_POLL_SECS="60")
-    services = await build_services(settings)
-    tenant = await make_tenant(services, dns_server)
-    route_to_sink(dns_server, "dest.test")
+    services, tenant = await _stack(tmp_path, dns_server, smtp_sink, SMTP_OUTBOUND_CONCURRENCY=1)
     worker = services.worker()
     gate = asyncio.Event()
     complete = worker._completer.complete
@@ -151,9 +175,7 @@ async def test_a_slow_result_write_does_not_hold_a_delivery_slot(
         return await complete(outcome)
 
     worker._completer.complete = held  # type: ignore[method-assign]
-    stop = asyncio.Event()
-    run = asyncio.create_task(worker.run(stop))
-    try:
+    async with _running(services, worker, gate):
         await asyncio.sleep(0.3)  # the first lease finds the queue empty
         first = await _send(services, tenant, ["u1@dest.test"], services.handoff)
         await asyncio.wait_for(smtp_sink.wait_for(1), 10)
@@ -174,23 +196,13 @@ async def test_a_slow_result_write_does_not_hold_a_delivery_slot(
                 break
             await asyncio.sleep(0.05)
         assert statuses == ["DELIVERED", "DELIVERED"]
-    finally:
-        gate.set()
-        stop.set()
-        await run
-        await services.db.close()
 
 
 async def test_new_mail_goes_out_beside_a_backlog_and_a_lease_in_progress_holds_its_slots(
         tmp_path: Any, dns_server: Any, smtp_sink: Any) -> None:
     # 8 slots, a lease share of 2; leases of at most 4 jobs.
-    settings = make_settings(tmp_path, dns_server, INBOX_DB_SYNC="false",
-                             SMTP_OUTBOUND_PORT=smtp_sink.port, SMTP_OUTBOUND_CONCURRENCY=8,
-                             SMTP_OUTBOUND_QUEUE_BATCH_SIZE=4,
-                             SMTP_OUTBOUND_QUEUE_POLL_SECS="60")
-    services = await build_services(settings)
-    tenant = await make_tenant(services, dns_server)
-    route_to_sink(dns_server, "dest.test")
+    services, tenant = await _stack(tmp_path, dns_server, smtp_sink,
+                                    SMTP_OUTBOUND_CONCURRENCY=8, SMTP_OUTBOUND_QUEUE_BATCH_SIZE=4)
     backlog = [await _send(services, tenant, [f"q{i}@dest.test"], None) for i in range(5)]
     worker = services.worker()
     gate, leasing = asyncio.Event(), asyncio.Event()
@@ -202,9 +214,7 @@ async def test_new_mail_goes_out_beside_a_backlog_and_a_lease_in_progress_holds_
         return await lease(*args)
 
     services.queue.lease = held  # type: ignore[method-assign]
-    stop = asyncio.Event()
-    run = asyncio.create_task(worker.run(stop))
-    try:
+    async with _running(services, worker, gate):
         await asyncio.wait_for(leasing.wait(), 10)
         # The lease in progress holds its 4 slots and the backlog keeps its share of 2: new
         # mail may have the other 2, and goes straight out rather than behind the backlog.
@@ -224,11 +234,6 @@ async def test_new_mail_goes_out_beside_a_backlog_and_a_lease_in_progress_holds_
             await asyncio.sleep(0.05)
         assert statuses == {"DELIVERED"}
         assert worker.room() == 8  # the backlog is gone: every slot is free for new mail
-    finally:
-        gate.set()
-        stop.set()
-        await run
-        await services.db.close()
 
 
 async def test_queued_mail_woken_while_slots_are_short_of_a_lease_goes_out_when_they_free(
@@ -239,12 +244,7 @@ async def test_queued_mail_woken_while_slots_are_short_of_a_lease_goes_out_when_
     # a lease is worth, so it waits. It must look again when slots free, not at the next poll
     # (a minute here; by default a second, which was the ~1.1 s tail of the send benchmark's
     # accepted-to-delivered latency).
-    settings = make_settings(tmp_path, dns_server, INBOX_DB_SYNC="false",
-                             SMTP_OUTBOUND_PORT=smtp_sink.port, SMTP_OUTBOUND_CONCURRENCY=8,
-                             SMTP_OUTBOUND_QUEUE_POLL_SECS="60")
-    services = await build_services(settings)
-    tenant = await make_tenant(services, dns_server)
-    route_to_sink(dns_server, "dest.test")
+    services, tenant = await _stack(tmp_path, dns_server, smtp_sink, SMTP_OUTBOUND_CONCURRENCY=8)
     worker = services.worker()
     leases = 0
     lease = services.queue.lease
@@ -256,15 +256,13 @@ async def test_queued_mail_woken_while_slots_are_short_of_a_lease_goes_out_when_
 
     services.queue.lease = counted  # type: ignore[method-assign]
     hold = smtp_sink.hold_data = threading.Event()
-    stop = asyncio.Event()
-    run = asyncio.create_task(worker.run(stop))
-    try:
+    async with _running(services, worker, hold):
         for _ in range(100):  # the first lease finds the queue empty
             if leases and not worker._backlog:
                 break
             await asyncio.sleep(0.02)
-        held = [await _send(services, tenant, [f"h{i}@dest.test"], services.handoff)
-                for i in range(7)]
+        for i in range(7):
+            await _send(services, tenant, [f"h{i}@dest.test"], services.handoff)
         assert (services.handoff.handed, worker.room()) == (7, 1)
         queued = await _send(services, tenant, ["q@dest.test"], None)
         services.handoff.queued(1)
@@ -275,12 +273,6 @@ async def test_queued_mail_woken_while_slots_are_short_of_a_lease_goes_out_when_
         await asyncio.wait_for(smtp_sink.wait_for(8), 10)
         assert "q@dest.test" in {m.rcpt_tos[0] for m in smtp_sink.messages}
         assert (await _jobs(services, queued["id"]))[0]["status"] in ("processing", "done")
-        assert len(held) == 7
-    finally:
-        hold.set()
-        stop.set()
-        await run
-        await services.db.close()
 
 
 async def test_a_wakeup_during_a_lease_is_not_lost(
@@ -289,12 +281,7 @@ async def test_a_wakeup_during_a_lease_is_not_lost(
     # back, empty: the worker must lease again at once, not sleep until the next poll (60 s
     # here; by default 1 s, seen as jobs started ~1.08 s after they were stored in the send
     # benchmark).
-    settings = make_settings(tmp_path, dns_server, INBOX_DB_SYNC="false",
-                             SMTP_OUTBOUND_PORT=smtp_sink.port,
-                             SMTP_OUTBOUND_QUEUE_POLL_SECS="60")
-    services = await build_services(settings)
-    tenant = await make_tenant(services, dns_server)
-    route_to_sink(dns_server, "dest.test")
+    services, tenant = await _stack(tmp_path, dns_server, smtp_sink)
     worker = services.worker()
     returning, gate = asyncio.Event(), asyncio.Event()
     lease = services.queue.lease
@@ -310,9 +297,7 @@ async def test_a_wakeup_during_a_lease_is_not_lost(
         return jobs
 
     services.queue.lease = held  # type: ignore[method-assign]
-    stop = asyncio.Event()
-    run = asyncio.create_task(worker.run(stop))
-    try:
+    async with _running(services, worker, gate):
         await asyncio.wait_for(returning.wait(), 10)
         await _send(services, tenant, ["q@dest.test"], None)
         services.handoff.queued(1)
@@ -320,8 +305,3 @@ async def test_a_wakeup_during_a_lease_is_not_lost(
         await asyncio.wait_for(smtp_sink.wait_for(1), 10)
         assert smtp_sink.messages[0].rcpt_tos == ["q@dest.test"]
         assert leases == 2
-    finally:
-        gate.set()
-        stop.set()
-        await run
-        await services.db.close()
