@@ -8,7 +8,10 @@ import asyncio
 from collections import Counter
 from typing import Any
 
+import pytest
+
 from inbox.app import build_services, running_workers
+from inbox.errors import ConfigError
 from inbox.message import OutboundMessage
 from inbox.submission import SubmitOptions, submit
 from inbox.tenancy import Principal
@@ -56,4 +59,35 @@ async def test_two_instances_share_one_database_server(tmp_path: Any, dns_server
     finally:
         for services in instances:
             await services.db.close()
+        await server.stop()
+
+
+async def test_server_credentials_sign_in_and_wrong_ones_stop_start_up(tmp_path: Any) -> None:
+    """DATABASE_USERNAME / DATABASE_PASSWORD sign in to the server before anything else; the
+    server checks them (a root user defined on the real engine), and a wrong password stops
+    start-up with an error naming the database setting instead of running unauthenticated."""
+    server = EngineOverWebSocket(f"surrealkv://{tmp_path}/server/db")
+    url = await server.start()
+    try:
+        admin = await build_services(make_settings(tmp_path / "admin", None,
+                                                   INBOX_DATABASE_URL=url))
+        await admin.db.run("DEFINE USER inboxsvc ON ROOT PASSWORD 's3cret' ROLES OWNER;")
+        await admin.db.close()
+
+        ok = await build_services(make_settings(
+            tmp_path / "ok", None, INBOX_DATABASE_URL=url, DATABASE_USERNAME="inboxsvc",
+            DATABASE_PASSWORD="s3cret"))
+        try:
+            rows = await ok.db.one("RETURN $token.ID")
+            assert rows == "inboxsvc", rows  # the session carries the signed-in user's token
+        finally:
+            await ok.db.close()
+
+        with pytest.raises(ConfigError) as caught:
+            await build_services(make_settings(
+                tmp_path / "bad", None, INBOX_DATABASE_URL=url, DATABASE_USERNAME="inboxsvc",
+                DATABASE_PASSWORD="wrong"))
+        assert "INBOX_DATABASE_URL" in str(caught.value)
+        assert "authentication" in str(caught.value)
+    finally:
         await server.stop()

@@ -5,7 +5,9 @@ tests of `INBOX_DATABASE_URL=ws://…` talk to this: the SDK's own WebSocket cli
 user's server or cluster would see) on one side, the real SurrealDB engine (the SDK's embedded
 build, on disk) on the other. Each binary frame is one RPC request, handed to the engine as is;
 the engine's reply (which echoes the request id) goes back as one frame. Calls are serialised,
-as the embedded engine needs (ENGINE-NOTES), so several clients can share it.
+as the embedded engine needs (ENGINE-NOTES), so several clients can share it. A request the
+engine refuses by raising (a failed `signin`, for one) is answered as a server answers it: an
+RPC error with the request's id, the connection kept.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import cbor2
 import websockets
 from surrealdb._surrealdb_ext import AsyncEmbeddedDB
 
@@ -41,7 +44,14 @@ class EngineOverWebSocket:
                 return
             async with self._lock:
                 self.requests += 1
-                reply = await self._db.execute(frame)
+                try:
+                    reply = await self._db.execute(frame)
+                except RuntimeError as exc:
+                    # Left to propagate, this also made the engine abort the process later
+                    # ("panic in a function that cannot unwind").
+                    request = cbor2.loads(frame)
+                    reply = cbor2.dumps({"id": request.get("id"),
+                                         "error": {"code": -32000, "message": str(exc)}})
             await ws.send(reply)
 
     async def stop(self) -> None:
