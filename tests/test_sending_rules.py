@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from inbox.tenancy import add_domain, create_api_key
 from tests.conftest import (
     MESSAGE,
     SEND,
@@ -114,6 +115,92 @@ async def test_daily_and_queued_quota(stack: Stack, smtp_sink: Any) -> None:
     assert (await _send(stack, tenant, ["a@dest.test", "b@dest.test"]))["errors"] == []
     err = (await _send(stack, tenant, ["c@dest.test"]))["errors"][0]
     assert err["limit"] == "daily_send_limit"
+
+
+SET_ORG_QUOTAS = """
+mutation O($max: Int, $hourly: Int, $daily: Int, $queued: Int) {
+  setOrganizationQuotas(maxRecipientsPerMessage: $max, hourlySendLimit: $hourly,
+                        dailySendLimit: $daily, maxQueuedJobs: $queued) {
+    organization { id name quotas { maxRecipientsPerMessage hourlySendLimit dailySendLimit
+                                    maxQueuedJobs } }
+    errors { code field message }
+  }
+}
+"""
+
+
+async def _max_recipients(stack: Stack, tenant: Any, domain: str, limit: int) -> None:
+    """Sending from `domain` takes `limit` recipients and refuses one more, naming the limit."""
+    ok = await stack.api(SEND, {"from": f"a@{domain}", "subject": "s", "text": "t",
+                                "to": [f"u{i}@dest.test" for i in range(limit)]}, key=tenant.key)
+    assert ok["data"]["sendEmail"]["errors"] == [], (domain, limit)
+    refused = await stack.api(SEND, {"from": f"a@{domain}", "subject": "s", "text": "t",
+                                     "to": [f"u{i}@dest.test" for i in range(limit + 1)]},
+                              key=tenant.key)
+    [err] = refused["data"]["sendEmail"]["errors"]
+    assert err["code"] == "QUOTA_EXCEEDED" and err["limit"] == "max_recipients_per_message"
+    assert f"limit of {limit} per message" in err["message"], (domain, limit, err)
+
+
+async def test_quota_precedence_domain_then_organization_then_server(
+        tmp_path: Any, dns_server: Any, smtp_sink: Any) -> None:
+    settings = make_settings(tmp_path, dns_server, SMTP_OUTBOUND_PORT=smtp_sink.port,
+                             INBOX_DB_SYNC="false", INBOX_QUOTA_MAX_RECIPIENTS_PER_MESSAGE=5)
+    async with run_stack(settings, dns_server) as stack:
+        a = await make_tenant(stack.services, dns_server, "a.test", name="A")
+        await add_domain(stack.services.db, stack.services.box, a.org, "a2.test",
+                         stack.services.clock(), verified=True)
+        b = await make_tenant(stack.services, dns_server, "b.test", name="B")
+        route_to_sink(dns_server, "dest.test")
+        # Nothing set: the server's setting everywhere (and sends fill the tenant cache).
+        await _max_recipients(stack, a, "a.test", 5)
+        await _max_recipients(stack, a, "a2.test", 5)
+
+        r = await stack.api(SET_ORG_QUOTAS, {"max": 3, "hourly": 100, "daily": 1000,
+                                             "queued": 50}, key=a.key)
+        payload = r["data"]["setOrganizationQuotas"]
+        assert payload["errors"] == []
+        assert payload["organization"] == {"id": a.org, "name": "A", "quotas": {
+            "maxRecipientsPerMessage": 3, "hourlySendLimit": 100, "dailySendLimit": 1000,
+            "maxQueuedJobs": 50}}
+        r = await stack.api(SET_QUOTAS, {"d": "a.test", "max": 2}, key=a.key)
+        assert r["data"]["setDomainQuotas"]["errors"] == []
+
+        await _max_recipients(stack, a, "a.test", 2)  # the domain's override
+        await _max_recipients(stack, a, "a2.test", 3)  # the organization's default
+        await _max_recipients(stack, b, "b.test", 5)  # another organization: the server's
+        org_b = await stack.services.db.one("SELECT * FROM ONLY type::thing('organization', $o)",
+                                            {"o": b.org})
+        assert not any(k.startswith("quota_") and v is not None for k, v in org_b.items())
+
+        # null clears the organization's default: the server's setting again, the domain's
+        # override stays.
+        r = await stack.api(SET_ORG_QUOTAS, {"max": None}, key=a.key)
+        quotas = r["data"]["setOrganizationQuotas"]["organization"]["quotas"]
+        assert quotas == {"maxRecipientsPerMessage": None, "hourlySendLimit": None,
+                          "dailySendLimit": None, "maxQueuedJobs": None}
+        await _max_recipients(stack, a, "a2.test", 5)
+        await _max_recipients(stack, a, "a.test", 2)
+        # Clearing the domain's override falls back to the organization's default.
+        await stack.api(SET_ORG_QUOTAS, {"max": 4}, key=a.key)
+        await stack.api(SET_QUOTAS, {"d": "a.test", "max": None}, key=a.key)
+        await _max_recipients(stack, a, "a.test", 4)
+
+
+async def test_set_organization_quotas_is_admin_only_and_checked(stack: Stack) -> None:
+    tenant = await make_tenant(stack.services, stack.dns)
+    r = await stack.api(SET_ORG_QUOTAS, {"daily": -1}, key=tenant.key)
+    payload = r["data"]["setOrganizationQuotas"]
+    assert payload["organization"] is None
+    assert payload["errors"] == [{"code": "VALIDATION", "field": ["dailySendLimit"],
+                                  "message": "dailySendLimit must be >= 0"}]
+    _, send_key = await create_api_key(stack.services.db, tenant.org, ["send", "read"],
+                                       stack.services.clock())
+    r = await stack.api(SET_ORG_QUOTAS, {"daily": 1}, key=send_key)
+    assert r["data"]["setOrganizationQuotas"]["errors"][0]["code"] == "FORBIDDEN"
+    row = await stack.services.db.one("SELECT * FROM ONLY type::thing('organization', $o)",
+                                      {"o": tenant.org})
+    assert row.get("quota_daily_send_limit") is None
 
 
 async def test_manual_suppressions_skip_recipients(stack: Stack, smtp_sink: Any) -> None:

@@ -31,6 +31,8 @@ from inbox.graphql.types import (
     MessageConnection,
     MessageEdge,
     MessageStatus,
+    Organization,
+    OrganizationPayload,
     PageInfo,
     RemoveSuppressionPayload,
     SendEmailPayload,
@@ -45,6 +47,7 @@ from inbox.graphql.types import (
 )
 from inbox.message import Attachment, OutboundMessage
 from inbox.submission import SubmitOptions, submit
+from inbox.tenancy.organizations import set_organization_quotas
 
 T = TypeVar("T")
 MAX_PAGE = 100
@@ -99,6 +102,23 @@ def _metadata(value: Any) -> dict[str, str]:
         raise ValidationError("metadata must be an object of string/number/boolean values",
                               field=["metadata"])
     return {str(k): str(v) for k, v in value.items()}
+
+
+_QUOTA_ARGUMENTS = (
+    ("quota_max_recipients_per_message", "maxRecipientsPerMessage"),
+    ("quota_hourly_send_limit", "hourlySendLimit"),
+    ("quota_daily_send_limit", "dailySendLimit"),
+    ("quota_max_queued_jobs", "maxQueuedJobs"),
+)
+
+
+def _quota_arguments(*values: int | None) -> dict[str, int | None]:
+    """The quota fields (tenancy.QUOTA_FIELDS) from setDomainQuotas / setOrganizationQuotas
+    arguments, in _QUOTA_ARGUMENTS order; a negative limit is an error naming its argument."""
+    for (_, argument), value in zip(_QUOTA_ARGUMENTS, values, strict=True):
+        if value is not None and value < 0:
+            raise ValidationError(f"{argument} must be >= 0", field=[argument])
+    return {name: value for (name, _), value in zip(_QUOTA_ARGUMENTS, values, strict=True)}
 
 
 @strawberry.type
@@ -264,16 +284,34 @@ class Mutation:
 
         async def run() -> DomainPayload:
             p = await info.context.principal("admin")
-            info.context.services.tenant_cache.evict(p.org)
-            row = await tenancy.set_domain_quotas(info.context.services.db, p.org, domain, {
-                "quota_max_recipients_per_message": max_recipients_per_message,
-                "quota_hourly_send_limit": hourly_send_limit,
-                "quota_daily_send_limit": daily_send_limit,
-                "quota_max_queued_jobs": max_queued_jobs,
-            })
+            s = info.context.services
+            row = await tenancy.set_domain_quotas(s.db, p.org, domain, _quota_arguments(
+                max_recipients_per_message, hourly_send_limit, daily_send_limit,
+                max_queued_jobs))
+            s.tenant_cache.evict(p.org)
             return DomainPayload(domain=Domain.of(row), errors=[])
 
         return await _payload(run, lambda e: DomainPayload(domain=None, errors=e))
+
+    @strawberry.mutation(description="Set the default limits of the caller's organization, "
+                         "for its domains without a limit of their own (setDomainQuotas); a "
+                         "null argument clears the default (the server's INBOX_QUOTA_* setting "
+                         "applies). Scope: admin.")
+    async def set_organization_quotas(
+        self, info: strawberry.Info, max_recipients_per_message: int | None = None,
+        hourly_send_limit: int | None = None, daily_send_limit: int | None = None,
+        max_queued_jobs: int | None = None,
+    ) -> OrganizationPayload:
+        async def run() -> OrganizationPayload:
+            p = await info.context.principal("admin")
+            s = info.context.services
+            row = await set_organization_quotas(s.db, p.org, _quota_arguments(
+                max_recipients_per_message, hourly_send_limit, daily_send_limit,
+                max_queued_jobs))
+            s.tenant_cache.evict(p.org)  # every domain's cached rows carry the organization's
+            return OrganizationPayload(organization=Organization.of(row), errors=[])
+
+        return await _payload(run, lambda e: OrganizationPayload(organization=None, errors=e))
 
     @strawberry.mutation
     async def add_suppression(self, info: strawberry.Info, scope: SuppressionScope, value: str,

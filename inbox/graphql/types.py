@@ -228,6 +228,31 @@ class DomainQuotas:
     max_queued_jobs: int | None
 
 
+@strawberry.type(description="An organization's default limits for its domains. A null "
+                  "value is not set: the server's INBOX_QUOTA_* setting applies. A domain's own "
+                  "value (Domain.quotas) wins over these.")
+class OrganizationQuotas:
+    max_recipients_per_message: int | None
+    hourly_send_limit: int | None
+    daily_send_limit: int | None
+    max_queued_jobs: int | None
+
+
+@strawberry.type
+class Organization:
+    id: strawberry.ID
+    name: str
+    quotas: OrganizationQuotas
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> Organization:
+        return cls(id=strawberry.ID(row["id"]), name=row["name"], quotas=OrganizationQuotas(
+            max_recipients_per_message=row.get("quota_max_recipients_per_message"),
+            hourly_send_limit=row.get("quota_hourly_send_limit"),
+            daily_send_limit=row.get("quota_daily_send_limit"),
+            max_queued_jobs=row.get("quota_max_queued_jobs")))
+
+
 @strawberry.type
 class Domain:
     domain: str
@@ -343,6 +368,12 @@ class ApiKeyPayload:
 @strawberry.type
 class DomainPayload:
     domain: Domain | None
+    errors: list[UserError]
+
+
+@strawberry.type
+class OrganizationPayload:
+    organization: Organization | None
     errors: list[UserError]
 
 

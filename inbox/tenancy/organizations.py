@@ -1,4 +1,9 @@
-"""Organizations (tenants): creation, lookup and their quota defaults."""
+"""Organizations (tenants): creation, lookup and their quota defaults.
+
+An organization's quota fields (QUOTA_FIELDS) are the defaults of its domains: a domain's own
+value (has_domain) wins, an unset one falls back to the organization's, and an unset
+organization value to the server's INBOX_QUOTA_* setting (quotas.effective_quotas).
+"""
 
 from __future__ import annotations
 
@@ -34,3 +39,24 @@ async def get_organization(db: Database, org: str) -> dict[str, Any]:
     if not row:
         raise NotFound(f"organization {org} not found")
     return row
+
+
+def check_quotas(quotas: dict[str, int | None]) -> None:
+    """ValidationError for a name that is not a quota field or a negative limit."""
+    for key, value in quotas.items():
+        if key not in QUOTA_FIELDS:
+            raise ValidationError(f"unknown quota {key}", field=[key])
+        if value is not None and value < 0:
+            raise ValidationError(f"{key} must be >= 0", field=[key])
+
+
+async def set_organization_quotas(db: Database, org: str, quotas: dict[str, int | None]
+                                  ) -> dict[str, Any]:
+    """Set the organization's default quotas; None clears one (the server setting applies).
+    Quota fields not in `quotas` are left as they are."""
+    check_quotas(quotas)
+    rows = await db.one("UPDATE type::thing('organization', $id) MERGE $quotas",
+                        {"id": org, "quotas": quotas})
+    if not rows:
+        raise NotFound(f"organization {org} not found")
+    return rows[0]
