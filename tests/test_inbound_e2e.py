@@ -639,3 +639,38 @@ async def test_concurrent_messages_are_group_committed_and_one_bad_one_fails_alo
     assert sorted(r["subject"] for r in await listed(inbound)) == sorted(codes)
     # Exactly the stored messages' blobs remain: the poisoned one left none behind.
     assert len(blob_files(inbound)) == len(codes)
+
+
+
+# ---- only verified domains are hosted ----------------------------------------------------
+
+ADD_DOMAIN = """mutation A($d: String!) { addDomain(domain: $d) {
+  domain { domain verified records { type name value } } errors { code message } } }"""
+VERIFY_DOMAIN = """mutation V($d: String!) { verifyDomain(domain: $d) {
+  domain { verified } errors { code message } } }"""
+
+
+async def test_an_unverified_domain_receives_nothing_until_verified(inbound: Inbound) -> None:
+    """Domains are unique across organizations, so claiming one (addDomain) must not be enough
+    to receive its mail: until verifyDomain succeeds it is relay-denied like any domain we do
+    not host; right after, it receives (no refusal is remembered)."""
+    stack, key = inbound.stack, inbound.key
+    added = (await stack.api(ADD_DOMAIN, {"d": "late.test"}, key=key))["data"]["addDomain"]
+    assert added["errors"] == [] and added["domain"]["verified"] is False, added
+    await create_mailbox(stack.services.db, inbound.org, "late.test", "info",
+                         stack.services.clock())
+    for _ in range(2):  # the refusal is the same when asked again
+        code, reply = await send(inbound.port, message("early", to="info@late.test"),
+                                 ["info@late.test"])
+        assert (code, reply[:5]) == (550, "5.7.1"), (code, reply)
+        assert "not hosted" in reply, reply
+    for record in added["domain"]["records"]:
+        stack.dns.add_txt(record["name"], record["value"])
+    verified = (await stack.api(VERIFY_DOMAIN, {"d": "late.test"}, key=key)
+                )["data"]["verifyDomain"]
+    assert verified["errors"] == [] and verified["domain"]["verified"] is True, verified
+    # INBOX_CACHE_SECS is the default 5 here: the domain receives at once all the same.
+    code, reply = await send(inbound.port, message("on time", to="info@late.test"),
+                             ["info@late.test"])
+    assert code == 250, reply
+    assert await stored_count(inbound) == 1

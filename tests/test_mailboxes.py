@@ -26,6 +26,7 @@ from inbox.tenancy.keys import SecretBox
 from inbox.tenancy.mailboxes import (
     add_alias,
     create_mailbox,
+    hosted_domain,
     remove_alias,
     resolve_recipient,
     set_inbound_settings,
@@ -125,6 +126,21 @@ async def test_mailbox_and_alias_rules(db: Database) -> None:
     await set_e2ee_public_key(db, a, "A" * 43 + "=")
     assert (await set_inbound_settings(db, a, "a.test", {"enc_mode": "e2ee"}))["enc_mode"] \
         == "e2ee"
+
+
+async def test_only_verified_receiving_domains_are_hosted(db: Database) -> None:
+    """Domains are unique across organizations: an unverified claim must not receive mail."""
+    org = await create_organization(db, "claimer", NOW)
+    await add_domain(db, SecretBox(b"m" * 32), org["id"], "claimed.test", NOW)  # unverified
+    box = await create_mailbox(db, org["id"], "claimed.test", "info", NOW)
+    assert await hosted_domain(db, "claimed.test") is None
+    with pytest.raises(RelayDenied):
+        await resolve_recipient(db, "info@claimed.test")
+    await db.run("UPDATE has_domain SET verified = true WHERE domain = 'claimed.test'")
+    assert (await hosted_domain(db, "claimed.test"))["org"] == org["id"]
+    assert (await resolve_recipient(db, "info@claimed.test")).mailbox == box["id"]
+    await set_inbound_settings(db, org["id"], "claimed.test", {"inbound": False})
+    assert await hosted_domain(db, "claimed.test") is None
 
 
 async def test_org_storage_key_is_made_once_and_kept_sealed(db: Database) -> None:

@@ -65,7 +65,7 @@ class InboundService:
         self.hostname = hostname
         self.limits = limits
         self.clock = clock
-        self._domains: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._domains: dict[str, tuple[float, dict[str, Any]]] = {}
         self._recipients: dict[str, tuple[float, InboundRecipient]] = {}
 
     async def _rate(self, scope: str, key: str, limit: int, what: str) -> None:
@@ -80,7 +80,8 @@ class InboundService:
 
     async def on_recipient(self, peer_ip: str, address: str) -> InboundRecipient:
         """Resolve RCPT TO. Hosted domains and found mailboxes are reused for
-        INBOX_CACHE_SECS (a new mailbox works at once: misses are never cached)."""
+        INBOX_CACHE_SECS; misses are never cached, so a new mailbox works at once and a domain
+        receives as soon as verifyDomain succeeds (which does not reach this cache)."""
         local, domain = split_address(address)
         now = time.monotonic()
         known = self._recipients.get(f"{local}@{domain}")
@@ -88,12 +89,14 @@ class InboundService:
             return replace(known[1], address=address)
         hit = self._domains.get(domain)
         if hit is None or hit[0] <= now:
+            row = await hosted_domain(self.db, domain)
+            if row is None:  # unknown, unverified or not receiving
+                self._domains.pop(domain, None)
+                raise RelayDenied(f"relay access denied: {domain} is not hosted here")
             if len(self._domains) > 10000:
                 self._domains.clear()
-            hit = (now + self.limits.cache_secs, await hosted_domain(self.db, domain))
+            hit = (now + self.limits.cache_secs, row)
             self._domains[domain] = hit
-        if hit[1] is None:
-            raise RelayDenied(f"relay access denied: {domain} is not hosted here")
         found = await resolve_recipient(self.db, address, hit[1])
         if self.limits.cache_secs > 0:
             if len(self._recipients) > 100000:

@@ -1,7 +1,9 @@
 """Receiving side of tenancy: mailboxes, aliases, catch-all, per-domain inbound settings, and
 resolving an SMTP recipient to a mailbox. Does not parse or store mail.
 
-A hosted domain receives mail when its `has_domain` row has `inbound` on (the default). The row
+A domain is hosted, and receives mail, when its `has_domain` row is verified (verifyDomain, or
+added verified by an operator) and has `inbound` on (the default): domains are unique across
+organizations, so an unverified claim must not let a tenant receive another's mail. The row
 also carries `plus_addressing` (default on: `info+tag@` reaches `info@`), `catch_all` (a mailbox
 id or none), `enc_mode` (`standard` | `e2ee`) and optional `require_spf_pass`,
 `require_dkim_pass`, `require_dmarc_pass` overrides of the global SMTP_REQUIRE_* settings.
@@ -75,18 +77,22 @@ def _inbound_view(row: dict[str, Any]) -> dict[str, Any]:
 
 
 async def hosted_domain(db: Database, domain: str) -> dict[str, Any] | None:
-    """The inbound view of a hosted domain (any organization), or None."""
+    """The inbound view of a hosted domain (any organization): verified, with inbound on.
+    None for a domain nobody registered, one not verified yet, or one not receiving."""
     rows = await db.one("SELECT * OMIT dkim_rsa_private, dkim_ed25519_private FROM has_domain"
                         " WHERE domain = $domain LIMIT 1", {"domain": domain})
-    return _inbound_view(rows[0]) if rows else None
+    if not rows or rows[0].get("verified") is not True:
+        return None
+    view = _inbound_view(rows[0])
+    return view if view["inbound"] else None
 
 
 async def resolve_recipient(db: Database, address: str,
                             domain_row: dict[str, Any] | None = None) -> InboundRecipient:
     """Map an RCPT TO address to a mailbox: exact mailbox, alias, plus-address, catch-all.
 
-    RelayDenied when the domain is not hosted here (or does not receive); NotFound (5.1.1)
-    when the domain is ours but nobody is at that address.
+    RelayDenied when the domain is not hosted here (unknown, unverified or not receiving);
+    NotFound (5.1.1) when the domain is ours but nobody is at that address.
     """
     local, domain = split_address(address)
     row = domain_row if domain_row is not None else await hosted_domain(db, domain)
