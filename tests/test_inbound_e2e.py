@@ -641,6 +641,45 @@ async def test_concurrent_messages_are_group_committed_and_one_bad_one_fails_alo
     assert len(blob_files(inbound)) == len(codes)
 
 
+# ---- registration of the e2ee key: only keys that every message can be wrapped to ----------
+
+SET_KEY = """mutation K($k: String!) { setE2eePublicKey(publicKey: $k) {
+  publicKey errors { code field message } } }"""
+
+
+def set_inbound(domain: str, args: str) -> str:
+    """A setDomainInbound mutation with literal arguments (an omitted one stays unchanged)."""
+    return (f'mutation {{ setDomainInbound(domain: "{domain}", {args}) {{ settings {{ encMode '
+            "requireDmarcPass } errors { code field message } } }")
+
+
+async def test_e2ee_key_registration_refuses_a_low_order_key(inbound: Inbound) -> None:
+    """The all-zero and order-1 points pass a length check but give an all-zero shared
+    secret; registered, they would defer that domain's mail forever (451 4.3.0)."""
+    from inbox.storage.envelope import generate_keypair, unwrap_data_key
+
+    api, key = inbound.stack.api, inbound.key
+    for raw in (bytes(32), b"\x01" + bytes(31)):
+        data = await api(SET_KEY, {"k": base64.b64encode(raw).decode()}, key=key)
+        payload = data["data"]["setE2eePublicKey"]
+        assert payload["publicKey"] is None, payload
+        [error] = payload["errors"]
+        assert (error["code"], error["field"]) == ("VALIDATION", ["publicKey"]), error
+    assert (await api("{ e2eePublicKey }", key=key))["data"]["e2eePublicKey"] is None
+    data = await api(set_inbound("rcpt.test", "encMode: E2EE"), key=key)
+    assert data["data"]["setDomainInbound"]["errors"][0]["field"] == ["encMode"], data
+    # A real key registers, and mail to the domain is then sealed to it.
+    private, public = generate_keypair()
+    data = await api(SET_KEY, {"k": public}, key=key)
+    assert data["data"]["setE2eePublicKey"] == {"publicKey": public, "errors": []}
+    data = await api(set_inbound("rcpt.test", "encMode: E2EE"), key=key)
+    assert data["data"]["setDomainInbound"]["errors"] == [], data
+    code, reply = await send(inbound.port, message("sealed"), ["info@rcpt.test"])
+    assert code == 250, reply
+    [row] = await inbound.stack.services.db.one("SELECT * FROM inbound_message")
+    assert row["enc_mode"] == "e2ee"
+    assert len(unwrap_data_key(private, bytes(row["wrapped_key"]))) == 32
+
 
 # ---- only verified domains are hosted ----------------------------------------------------
 

@@ -4,6 +4,7 @@ embedded engine."""
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +20,7 @@ from inbox.errors import (
     ValidationError,
 )
 from inbox.storage import Database
+from inbox.storage.envelope import SealedMessage, generate_keypair
 from inbox.storage.ratelimits import RateLimiter
 from inbox.storage.schema import migrate
 from inbox.tenancy import add_domain, create_organization
@@ -31,7 +33,7 @@ from inbox.tenancy.mailboxes import (
     resolve_recipient,
     set_inbound_settings,
 )
-from inbox.tenancy.orgkeys import OrgKeys, set_e2ee_public_key
+from inbox.tenancy.orgkeys import OrgKeys, e2ee_public_key, set_e2ee_public_key
 
 NOW = datetime(2026, 11, 22, tzinfo=UTC)
 
@@ -123,7 +125,7 @@ async def test_mailbox_and_alias_rules(db: Database) -> None:
         await set_inbound_settings(db, a, "a.test", {"enc_mode": "e2ee"})
     with pytest.raises(ValidationError):
         await set_e2ee_public_key(db, a, "not base64!")
-    await set_e2ee_public_key(db, a, "A" * 43 + "=")
+    await set_e2ee_public_key(db, a, generate_keypair()[1])
     assert (await set_inbound_settings(db, a, "a.test", {"enc_mode": "e2ee"}))["enc_mode"] \
         == "e2ee"
 
@@ -141,6 +143,45 @@ async def test_only_verified_receiving_domains_are_hosted(db: Database) -> None:
     assert (await resolve_recipient(db, "info@claimed.test")).mailbox == box["id"]
     await set_inbound_settings(db, org["id"], "claimed.test", {"inbound": False})
     assert await hosted_domain(db, "claimed.test") is None
+
+
+# Points of small order on Curve25519 (and non-canonical encodings of them): X25519 with any
+# of them gives the all-zero shared secret (RFC 7748 §6.1), which wrapping refuses.
+LOW_ORDER_KEYS = {
+    "zero": bytes(32),
+    "one": b"\x01" + bytes(31),
+    "order-8": bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+    "order-8-other": bytes.fromhex(
+        "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
+    "p-1": bytes.fromhex("ec" + "ff" * 30 + "7f"),
+    "p": bytes.fromhex("ed" + "ff" * 30 + "7f"),
+    "p+1": bytes.fromhex("ee" + "ff" * 30 + "7f"),
+}
+
+
+@pytest.mark.parametrize("raw", list(LOW_ORDER_KEYS.values()), ids=list(LOW_ORDER_KEYS))
+async def test_a_low_order_e2ee_key_is_refused_at_registration(db: Database,
+                                                                raw: bytes) -> None:
+    a = await _org(db, "a.test")
+    with pytest.raises(ValidationError) as refused:
+        await set_e2ee_public_key(db, a, base64.b64encode(raw).decode())
+    assert refused.value.field == ["publicKey"]
+    assert await e2ee_public_key(db, a) is None  # nothing was stored
+    # A key that registers is one every message can be sealed to.
+    _, public = generate_keypair()
+    await set_e2ee_public_key(db, a, f" {public[:20]}\n{public[20:]} ")
+    stored = await e2ee_public_key(db, a)
+    assert stored == public and SealedMessage.seal(stored, b"m").wrapped_key
+
+
+async def test_e2ee_cannot_be_chosen_with_an_unusable_stored_key(db: Database) -> None:
+    """A key stored before registration checked it (written here behind the API's back)."""
+    a = await _org(db, "a.test")
+    await db.one("UPDATE ONLY type::thing('organization', $org) SET e2ee_public_key = $k",
+                 {"org": a, "k": "A" * 43 + "="})
+    with pytest.raises(ValidationError) as refused:
+        await set_inbound_settings(db, a, "a.test", {"enc_mode": "e2ee"})
+    assert refused.value.field == ["encMode"] and "not usable" in refused.value.message
 
 
 async def test_org_storage_key_is_made_once_and_kept_sealed(db: Database) -> None:

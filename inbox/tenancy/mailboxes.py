@@ -19,6 +19,7 @@ from typing import Any
 from inbox.errors import Conflict, InvalidAddress, NotFound, RelayDenied, ValidationError
 from inbox.storage import Database, new_id
 from inbox.tenancy.domains import get_domain, normalize_domain
+from inbox.tenancy.orgkeys import parse_x25519_public
 
 # Our own mailbox names: a conservative dot-atom subset (RFC 5322 §3.2.3) without "+", which
 # is reserved for plus addressing. Lookups are case-insensitive (RFC 5321 §2.4 lets us choose).
@@ -203,9 +204,15 @@ async def set_inbound_settings(db: Database, org: str, domain: str,
     if changes.get("enc_mode") == "e2ee":
         org_row = await db.one("SELECT e2ee_public_key FROM ONLY type::thing('organization',"
                                " $org)", {"org": org})
-        if not (org_row or {}).get("e2ee_public_key"):
+        public = (org_row or {}).get("e2ee_public_key")
+        if not public:
             raise ValidationError("register an end-to-end public key before choosing e2ee",
                                   field=["encMode"])
+        try:  # one stored before registration checked it would defer every message
+            parse_x25519_public(public)
+        except ValidationError:
+            raise ValidationError("the registered end-to-end public key is not usable;"
+                                  " register a new one first", field=["encMode"]) from None
     if changes.get("catch_all"):
         await get_mailbox(db, org, changes["catch_all"])
     rows = await db.one("UPDATE type::thing('has_domain', $id) MERGE $changes WHERE org = $org",
