@@ -681,6 +681,78 @@ async def test_e2ee_key_registration_refuses_a_low_order_key(inbound: Inbound) -
     assert len(unwrap_data_key(private, bytes(row["wrapped_key"]))) == 32
 
 
+# ---- SMTP_REQUIRE_DMARC_PASS, globally and per domain ----------------------------------------
+
+RELAY = "relay.example"
+
+
+def publish_dmarc_failure(dns: DnsServer, dmarc: str | None = "v=DMARC1; p=none") -> None:
+    """Mail from alice@sender.example sent through relay.example, unsigned: SPF passes for
+    relay.example but does not align with the From domain, so DMARC fails; sender.example
+    publishes p=none, so its own policy asks for nothing and nothing else marks it spam."""
+    publish_sender(dns, spf="v=spf1 ip4:192.0.2.1 -all", dmarc=dmarc)
+    dns.add_txt(RELAY, "v=spf1 ip4:127.0.0.1 -all")
+
+
+async def send_via_relay(port: int, subject: str, *, sign: bool = False) -> tuple[int, str]:
+    return await send(port, message(subject, sign=sign), ["info@rcpt.test"],
+                      sender=f"bounces@{RELAY}")
+
+
+@pytest.mark.parametrize(("require", "sign", "dmarc_record", "outcome"), [
+    ("false", False, True, "accepted"),
+    ("true", False, True, "refused"),
+    ("true", True, True, "accepted"),  # DKIM aligns: DMARC passes
+    ("true", False, False, "refused"),  # no DMARC record: DMARC does not pass either
+], ids=["off-by-default", "on-fails", "on-passes", "on-no-record"])
+async def test_require_dmarc_pass_setting(tmp_path: Path, dns_server: DnsServer, require: str,
+                                          sign: bool, dmarc_record: bool,
+                                          outcome: str) -> None:
+    publish_dmarc_failure(dns_server, "v=DMARC1; p=none" if dmarc_record else None)
+    settings = {"SMTP_REQUIRE_DMARC_PASS": require} if require == "true" else {}
+    async with inbound_stack(tmp_path, dns_server, **settings) as ib:
+        code, reply = await send_via_relay(ib.port, "dmarc req", sign=sign)
+        if outcome == "refused":
+            assert (code, reply[:5]) == (550, "5.7.1"), (code, reply)
+            assert "DMARC" in reply, reply
+            assert await stored_count(ib) == 0
+            return
+        assert code == 250, reply
+        [row] = await listed(ib)
+        assert row["folder"] == "INBOX"
+        auth = (await ib.stack.api(DETAIL, {"id": row["id"]}, key=ib.key)
+                )["data"]["inboundMessage"]["authentication"]
+        assert (auth["spf"], auth["dmarc"]) == ("pass", "pass" if sign else "fail"), auth
+
+
+@pytest.mark.parametrize("global_on", [False, True], ids=["global-off", "global-on"])
+async def test_require_dmarc_pass_per_domain(tmp_path: Path, dns_server: DnsServer,
+                                             global_on: bool) -> None:
+    """setDomainInbound(requireDmarcPass) turns the requirement on or off for one domain;
+    null goes back to SMTP_REQUIRE_DMARC_PASS."""
+    publish_dmarc_failure(dns_server)
+    # Domain settings are reused for INBOX_CACHE_SECS; 0 makes each change immediate.
+    async with inbound_stack(tmp_path, dns_server, INBOX_CACHE_SECS="0",
+                             SMTP_REQUIRE_DMARC_PASS=str(global_on).lower()) as ib:
+        expected = []
+        for i, override in enumerate((None, not global_on, None)):
+            if i:
+                literal = "null" if override is None else str(override).lower()
+                data = await ib.stack.api(set_inbound("rcpt.test",
+                                                      f"requireDmarcPass: {literal}"), key=ib.key)
+                payload = data["data"]["setDomainInbound"]
+                assert payload["errors"] == [], payload
+                assert payload["settings"]["requireDmarcPass"] is override
+            required = global_on if override is None else override
+            code, reply = await send_via_relay(ib.port, f"m{i}")
+            if required:
+                assert (code, reply[:5]) == (550, "5.7.1") and "DMARC" in reply, (i, reply)
+            else:
+                assert code == 250, (i, reply)
+                expected.append(f"m{i}")
+        assert sorted(r["subject"] for r in await listed(ib)) == expected
+
+
 # ---- only verified domains are hosted ----------------------------------------------------
 
 ADD_DOMAIN = """mutation A($d: String!) { addDomain(domain: $d) {
