@@ -753,6 +753,88 @@ async def test_require_dmarc_pass_per_domain(tmp_path: Path, dns_server: DnsServ
         assert sorted(r["subject"] for r in await listed(ib)) == expected
 
 
+# ---- the subscription sees mail that arrived on port 25 --------------------------------------
+
+SUBSCRIBE = """subscription($m: ID!) { inboundMessageReceived(mailbox: $m) {
+  id mailbox subject from folder } }"""
+
+
+@contextlib.asynccontextmanager
+async def subscribed(stack: Stack, api_key: str, mailbox: str, sub_id: str = "1"
+                     ) -> AsyncIterator[Any]:
+    """A graphql-transport-ws session (key in connection_init) subscribed to `mailbox`."""
+    import json
+
+    from websockets.asyncio.client import connect
+
+    url = stack.base_url.replace("http://", "ws://") + "/graphql"
+    async with connect(url, subprotocols=["graphql-transport-ws"],  # type: ignore[list-item]
+                       open_timeout=5) as ws:
+        await ws.send(json.dumps({"type": "connection_init",
+                                  "payload": {"Authorization": f"Bearer {api_key}"}}))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "connection_ack"
+        await ws.send(json.dumps({"id": sub_id, "type": "subscribe", "payload": {
+            "query": SUBSCRIBE, "variables": {"m": mailbox}}}))
+        yield ws
+
+
+async def next_event(ws: Any, timeout: float = 10) -> dict[str, Any]:
+    import json
+
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+async def wait_subscribers(stack: Stack, topic: str) -> None:
+    for _ in range(500):
+        if stack.services.pubsub.subscribers(topic):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no subscriber on {topic}")
+
+
+async def test_subscription_receives_mail_that_arrived_on_port_25(inbound: Inbound) -> None:
+    from inbox.smtp.receiving import inbound_topic
+
+    stack = inbound.stack
+    other = await make_tenant(stack.services, stack.dns, "other.test", name="B")
+    other_box = await create_mailbox(stack.services.db, other.org, "other.test", "info",
+                                     stack.services.clock())
+    async with (subscribed(stack, inbound.key, inbound.mailbox) as ours,
+                subscribed(stack, other.key, other_box["id"]) as theirs,
+                subscribed(stack, other.key, inbound.mailbox, "7") as prying):
+        # Another organization cannot subscribe to our mailbox.
+        refused = await next_event(prying)
+        assert refused["type"] in ("error", "next"), refused
+        errors = refused["payload"] if refused["type"] == "error" else \
+            refused["payload"]["errors"]
+        assert errors[0]["extensions"]["code"] == "NOT_FOUND", refused
+        await wait_subscribers(stack, inbound_topic(inbound.org, inbound.mailbox))
+        await wait_subscribers(stack, inbound_topic(other.org, other_box["id"]))
+        assert stack.services.pubsub.subscribers(
+            inbound_topic(inbound.org, inbound.mailbox)) == 1  # ours only
+
+        code, reply = await send(inbound.port, message("live"), ["info@rcpt.test"])
+        assert code == 250, reply
+        event = await next_event(ours)
+        assert (event["type"], event["id"]) == ("next", "1"), event
+        [row] = await listed(inbound)
+        assert event["payload"]["data"]["inboundMessageReceived"] == {
+            "id": row["id"], "mailbox": inbound.mailbox, "subject": "live",
+            "from": f"alice@{SENDER}", "folder": "INBOX"}
+        # The other organization's subscriber heard nothing of it...
+        with pytest.raises(TimeoutError):
+            await next_event(theirs, timeout=0.5)
+        # ...and hears its own mail, which ours does not.
+        code, reply = await send(inbound.port, message("theirs", to="info@other.test"),
+                                 ["info@other.test"])
+        assert code == 250, reply
+        event = await next_event(theirs)
+        assert event["payload"]["data"]["inboundMessageReceived"]["subject"] == "theirs"
+        assert event["payload"]["data"]["inboundMessageReceived"]["mailbox"] == other_box["id"]
+        with pytest.raises(TimeoutError):
+            await next_event(ours, timeout=0.5)
+
+
 # ---- only verified domains are hosted ----------------------------------------------------
 
 ADD_DOMAIN = """mutation A($d: String!) { addDomain(domain: $d) {
