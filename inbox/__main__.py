@@ -148,13 +148,9 @@ def cmd_decrypt(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
-    import uvicorn
+    from inbox.app import serve
 
-    from inbox.app import create_app
-
-    app = create_app(settings, workers=not args.no_workers, settle_heap=True)
-    uvicorn.run(app, host=settings.SERVER_BIND_ADDR, port=settings.INBOX_HTTP_PORT,
-                log_level=settings.INBOX_LOG_LEVEL.lower(), access_log=False)
+    serve(settings, workers=not args.no_workers)  # start-up errors: ConfigError, before uvicorn
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -16,6 +18,7 @@ from inbox.delivery.queue import Queue
 from inbox.delivery.signers import SignerCache
 from inbox.delivery.transport import RelayConfig, SmtpTransport
 from inbox.delivery.worker import DeliveryWorker
+from inbox.errors import ConfigError
 from inbox.resolver import Resolver
 from inbox.storage import Database
 from inbox.telemetry import setup_telemetry
@@ -76,9 +79,7 @@ def build_transport(settings: Settings) -> Any:
     if settings.SMTP_OUTBOUND_RELAY:
         try:
             relay = RelayConfig.parse(settings.SMTP_OUTBOUND_RELAY)
-        except ValueError as exc:
-            from inbox.errors import ConfigError
-
+        except ValueError as exc:  # not reached from the CLI: Settings checked it already
             raise ConfigError(f"SMTP_OUTBOUND_RELAY: {exc}") from None
     if settings.outbound_process:
         from inbox.delivery.outproc import ProcessTransport
@@ -99,11 +100,20 @@ async def build_services(settings: Settings, **overrides: Any) -> Services:
     """Make every service from settings; any piece can be overridden (tests, embedding)."""
     setup_telemetry(settings)
     db = overrides.pop("db", None)
-    if db is None:
-        db = Database(settings.database_url, namespace=settings.DATABASE_NAMESPACE,
-                      database=settings.DATABASE_DATABASE, username=settings.DATABASE_USERNAME,
-                      password=settings.DATABASE_PASSWORD, sync=settings.INBOX_DB_SYNC)
-        await db.connect()
+    if db is not None:
+        return await _build_services(settings, db, overrides)
+    db = Database(settings.database_url, namespace=settings.DATABASE_NAMESPACE,
+                  database=settings.DATABASE_DATABASE, username=settings.DATABASE_USERNAME,
+                  password=settings.DATABASE_PASSWORD, sync=settings.INBOX_DB_SYNC)
+    await db.connect()
+    try:
+        return await _build_services(settings, db, overrides)
+    except BaseException:
+        await db.close()  # a start-up error (e.g. ConfigError) leaves nothing open
+        raise
+
+
+async def _build_services(settings: Settings, db: Any, overrides: dict[str, Any]) -> Services:
     box = overrides.pop("box", None) or load_master_box(settings.INBOX_MASTER_KEY,
                                                         settings.INBOX_DATA_DIR)
     resolver = overrides.pop("resolver", None) or Resolver(
@@ -204,10 +214,7 @@ async def running_transfer(services: Services, *, port: int | None = None
     try:
         await server.start()
     except OSError as exc:
-        from inbox.errors import ConfigError
-
-        raise ConfigError(f"SMTP_TRANSFER_PORT: cannot listen on {s.SERVER_BIND_ADDR}:"
-                          f"{s.SMTP_TRANSFER_PORT}: {exc.strerror or exc}") from None
+        raise listen_error("SMTP_TRANSFER_PORT", s.SERVER_BIND_ADDR, server.port, exc) from None
     try:
         yield server
     finally:
@@ -220,7 +227,6 @@ async def running_submission(services: Services, port: int | None = None,
     """Run SMTP submission in this event loop for the block: STARTTLS on SMTP_SUBMISSION_PORT
     and implicit TLS on SMTP_SUBMISSIONS_PORT (0 = off). Yields the listeners (.port,
     .tls_port)."""
-    from inbox.errors import ConfigError
     from inbox.smtp.certs import load_tls_context
     from inbox.smtp.submission import build_submission
 
@@ -235,8 +241,8 @@ async def running_submission(services: Services, port: int | None = None,
     try:
         await listeners.start()
     except OSError as exc:
-        raise ConfigError(f"SMTP_SUBMISSION_PORT/SMTP_SUBMISSIONS_PORT: cannot listen on "
-                          f"{s.SERVER_BIND_ADDR}: {exc.strerror or exc}") from None
+        raise listen_error("SMTP_SUBMISSION_PORT/SMTP_SUBMISSIONS_PORT", s.SERVER_BIND_ADDR,
+                           None, exc) from None
     try:
         yield listeners
     finally:
@@ -266,33 +272,94 @@ async def running_workers(services: Services, count: int = 1) -> AsyncIterator[N
             await aclose()  # pooled SMTP sessions: QUIT politely
 
 
+def listen_error(name: str, host: str, port: int | None, exc: OSError) -> ConfigError:
+    """The one-line error for a listener that cannot bind, naming its setting."""
+    if isinstance(exc, socket.gaierror):
+        return ConfigError(f"SERVER_BIND_ADDR: cannot listen on {host!r}: {exc.strerror or exc}")
+    # asyncio's own strerror repeats the address: the system's words are enough.
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    where = host if port is None else f"{host}:{port}"
+    return ConfigError(f"{name}: cannot listen on {where}: {reason.lower()}")
+
+
+def listening_ports(settings: Settings, *, transfer: bool = True) -> list[tuple[str, int]]:
+    """(setting, port) of each listener `inbox serve` opens; 0 (a free port, or off) left out."""
+    ports = [("INBOX_HTTP_PORT", settings.INBOX_HTTP_PORT)]
+    if transfer and settings.INBOX_SMTP_TRANSFER_ENABLED:
+        ports.append(("SMTP_TRANSFER_PORT", settings.SMTP_TRANSFER_PORT))
+    if settings.INBOX_SMTP_SUBMISSION_ENABLED:
+        ports += [("SMTP_SUBMISSION_PORT", settings.SMTP_SUBMISSION_PORT),
+                  ("SMTP_SUBMISSIONS_PORT", settings.SMTP_SUBMISSIONS_PORT)]
+    return [(name, port) for name, port in ports if port]
+
+
+async def check_listeners(settings: Settings, *, transfer: bool = True) -> None:
+    """Bind each port `inbox serve` will listen on, as its listener will (all at once, so two
+    settings naming one port collide here too), then let go: a port in use or privileged is a
+    ConfigError naming its setting before anything is opened or generated."""
+    loop = asyncio.get_running_loop()
+    probes: list[asyncio.AbstractServer] = []
+    try:
+        for name, port in listening_ports(settings, transfer=transfer):
+            try:
+                probes.append(await loop.create_server(asyncio.Protocol,
+                                                       settings.SERVER_BIND_ADDR, port))
+            except OSError as exc:
+                raise listen_error(name, settings.SERVER_BIND_ADDR, port, exc) from None
+    finally:
+        for probe in probes:
+            probe.close()
+        for probe in probes:
+            await probe.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def running_service(settings: Settings, *, workers: bool = True, transfer: bool = True,
+                          settle_heap: bool = False, **overrides: Any
+                          ) -> AsyncIterator[Services]:
+    """Everything `inbox serve` runs besides HTTP, for the block: the services, the SMTP
+    listeners (transfer, submission) and the delivery workers. `settle_heap`: tune the garbage
+    collector once started (inbox.heap)."""
+    services = await build_services(settings, **overrides)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            if transfer and settings.INBOX_SMTP_TRANSFER_ENABLED:
+                await stack.enter_async_context(running_transfer(services))
+            if settings.INBOX_SMTP_SUBMISSION_ENABLED:
+                await stack.enter_async_context(running_submission(services))
+            if workers:
+                await stack.enter_async_context(running_workers(services))
+            if settle_heap:
+                from inbox import heap
+
+                heap.settle()
+            yield services
+    finally:
+        await services.db.close()
+
+
 def create_app(settings: Settings, *, workers: bool = True, transfer: bool = True,
-               settle_heap: bool = False, **overrides: Any) -> Any:
-    """The ASGI app: GraphQL at /graphql, health at /healthz; workers run in its lifespan.
-    `settle_heap` (for `inbox serve`): tune the garbage collector once started (inbox.heap)."""
+               settle_heap: bool = False, started: contextlib.AsyncExitStack | None = None,
+               **overrides: Any) -> Any:
+    """The ASGI app: GraphQL at /graphql, health at /healthz; its lifespan runs
+    `running_service`. With `started` (see `serve`) the caller has started that already and
+    set `app.state.services`; the lifespan only closes `started` at shutdown."""
     from fastapi import FastAPI
 
     from inbox.graphql import graphql_app
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = await build_services(settings, **overrides)
-        app.state.services = services
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                if transfer and settings.INBOX_SMTP_TRANSFER_ENABLED:
-                    await stack.enter_async_context(running_transfer(services))
-                if settings.INBOX_SMTP_SUBMISSION_ENABLED:
-                    await stack.enter_async_context(running_submission(services))
-                if workers:
-                    await stack.enter_async_context(running_workers(services))
-                if settle_heap:
-                    from inbox import heap
-
-                    heap.settle()
+        if started is not None:
+            try:
                 yield
-        finally:
-            await services.db.close()
+            finally:
+                await started.aclose()
+            return
+        async with running_service(settings, workers=workers, transfer=transfer,
+                                   settle_heap=settle_heap, **overrides) as services:
+            app.state.services = services
+            yield
 
     app = FastAPI(title="inbox", lifespan=lifespan, docs_url=None, redoc_url=None)
 
@@ -301,6 +368,34 @@ def create_app(settings: Settings, *, workers: bool = True, transfer: bool = Tru
         return {"status": "ok"}
 
     return InboxApp(app, graphql_app(lambda: app.state.services))
+
+
+def serve(settings: Settings, *, workers: bool = True) -> None:
+    """`inbox serve`: the HTTP API under uvicorn, with the SMTP listeners and workers.
+
+    Everything that can fail at start-up happens before uvicorn starts, so the failure reaches
+    the caller as a ConfigError (one line, no traceback): the ports are checked first (nothing
+    is opened or generated yet), then the services are built and the listeners and workers
+    started. uvicorn's lifespan then only stops them, at shutdown, before uvicorn re-raises
+    the signal that stopped it."""
+    import uvicorn
+
+    stop = contextlib.AsyncExitStack()
+    app = create_app(settings, started=stop)
+    config = uvicorn.Config(app, host=settings.SERVER_BIND_ADDR, port=settings.INBOX_HTTP_PORT,
+                            log_level=settings.INBOX_LOG_LEVEL.lower(), access_log=False)
+    server = uvicorn.Server(config)
+
+    async def main() -> None:
+        await check_listeners(settings)
+        async with stop:  # closes what was started if uvicorn never ran the lifespan
+            app.state.services = await stop.enter_async_context(
+                running_service(settings, workers=workers, settle_heap=True))
+            await server.serve()
+
+    # The event loop uvicorn.run would use (uvloop when installed).
+    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+        runner.run(main())
 
 
 class InboxApp:

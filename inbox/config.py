@@ -1,7 +1,9 @@
 """Settings: the only place the environment is read. Names follow the system we succeed.
 
 `load_settings()` reads the environment (and `.env` when present) once, at start-up; a bad
-value raises `ConfigError` naming the variable. Nothing here runs at import time.
+value raises `ConfigError` naming the variable, before anything is opened or generated (values
+that only another module can judge, such as the master key, the relay and the nameservers, are
+checked here with that module's own parser). Nothing here runs at import time.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "SMTP_OUTBOUND_PROCESS": ("auto", "on", "off"),
     "OTEL_TRACES_EXPORTER": ("none", "console"),
 }
+
+# Settings whose value a configuration error never repeats (keys, passwords, URLs with them).
+_SECRET = frozenset({"INBOX_MASTER_KEY", "DATABASE_PASSWORD", "S3_SECRET_ACCESS_KEY",
+                     "SMTP_OUTBOUND_RELAY", "INBOX_DATABASE_URL"})
 
 
 class Settings(BaseSettings):
@@ -159,6 +165,37 @@ class Settings(BaseSettings):
             raise ValueError(f"must be {', '.join(quoted[:-1])} or {quoted[-1]}")
         return value
 
+    @field_validator("INBOX_MASTER_KEY")
+    @classmethod
+    def _master_key(cls, value: str) -> str:
+        if value:
+            from inbox.tenancy.keys import SecretBox
+
+            SecretBox.from_b64(value)  # its ValueError says what is wrong, never the key
+        return value
+
+    @field_validator("SMTP_OUTBOUND_RELAY")
+    @classmethod
+    def _relay(cls, value: str) -> str:
+        if value.strip():
+            from inbox.delivery.relay import RelayConfig
+
+            RelayConfig.parse(value)  # its ValueError never shows the password
+        return value
+
+    @field_validator("INBOX_DNS_NAMESERVERS")
+    @classmethod
+    def _nameservers(cls, value: list[str]) -> list[str]:
+        if value:
+            from inbox.resolver import parse_nameserver
+
+            for spec in value:
+                try:
+                    parse_nameserver(spec)
+                except ConfigError as exc:
+                    raise ValueError(exc.message) from None
+        return value
+
     @property
     def outbound_process(self) -> bool:
         """Sign and send in a child process (inbox/delivery/outproc.py): `auto` = when this
@@ -217,4 +254,6 @@ def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Set
     except ValidationError as exc:
         err = exc.errors()[0]
         name = str(err["loc"][0]) if err.get("loc") else "settings"
-        raise ConfigError(f"{name}: {err['msg']} (got {known.get(name)!r})") from None
+        message = err["msg"].removeprefix("Value error, ")
+        got = "" if name in _SECRET else f" (got {known.get(name)!r})"
+        raise ConfigError(f"{name}: {message}{got}") from None

@@ -10,13 +10,15 @@ import base64
 import json
 import re
 import signal
+import socket
 import stat
+import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support.procs import Service, inbox_env, run_cli, run_cli_json
+from tests.support.procs import Service, free_port, inbox_env, run_cli, run_cli_json
 
 MASTER_KEY_WARNING = "INBOX_MASTER_KEY is not set"
 
@@ -93,6 +95,52 @@ def test_bad_setting_exits_2_with_one_line(env: dict[str, str], tmp_path: Path) 
     assert not (tmp_path / "data").exists()  # nothing was opened or created
 
 
+BAD_SETTINGS = {
+    "INBOX_MASTER_KEY": ("c2hvcnQ=", "32 bytes"),
+    "SMTP_OUTBOUND_RELAY": ("relay.example", "host:port"),
+    "INBOX_DNS_NAMESERVERS": ("127.0.0.1, not-an-ip", "not an IP address"),
+}
+
+
+def _one_error_line(done: subprocess.CompletedProcess[str], name: str) -> str:
+    """The single line `inbox` printed on stderr, which names the variable."""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("inbox: ") and f"{name}:" in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", [("serve",), ("worker",), ("org", "create", "Acme")],
+                         ids=["serve", "worker", "org-create"])
+@pytest.mark.parametrize("name", sorted(BAD_SETTINGS))
+def test_a_bad_setting_checked_elsewhere_stops_every_command_before_it_opens_anything(
+        env: dict[str, str], tmp_path: Path, name: str, command: tuple[str, ...]) -> None:
+    """Values that the master key, relay and resolver code judge are checked with the settings:
+    one line, exit 2, and no database opened nor development key generated."""
+    value, reason = BAD_SETTINGS[name]
+    done = run_cli({**env, name: value}, *command, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert reason in _one_error_line(done, name)
+    assert done.stdout == ""
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("name", ["INBOX_HTTP_PORT", "SMTP_TRANSFER_PORT", "SMTP_SUBMISSION_PORT",
+                                  "SMTP_SUBMISSIONS_PORT"])
+def test_serve_with_a_port_in_use_says_which_in_one_line(env: dict[str, str], tmp_path: Path,
+                                                         name: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_cli({**env, "INBOX_HTTP_PORT": str(free_port()), name: str(port)}, "serve",
+                       cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    line = _one_error_line(done, name)
+    assert f"127.0.0.1:{port}" in line and "in use" in line
+    assert not (tmp_path / "data").exists()  # checked before anything was opened
+
+
 def test_worker_refuses_a_data_dir_the_server_holds(env: dict[str, str],
                                                     tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
@@ -103,6 +151,10 @@ def test_worker_refuses_a_data_dir_the_server_holds(env: dict[str, str],
         assert "INBOX_DATA_DIR" in done.stderr and str(data_dir) in done.stderr
         assert "SurrealDB server" in done.stderr and "ws://" in done.stderr
         assert f"pid {service.proc.pid}" in done.stderr  # type: ignore[union-attr]
+        # A second server says the same in one line (building services, before uvicorn).
+        second = run_cli({**env, "INBOX_HTTP_PORT": str(free_port())}, "serve", cwd=tmp_path)
+        assert second.returncode == 2
+        assert str(data_dir) in _one_error_line(second, "INBOX_DATA_DIR")
         # The server is unaffected and stops cleanly on SIGTERM.
         assert httpx.get(f"{service.base_url}/healthz", timeout=5).status_code == 200
         code = service.terminate()

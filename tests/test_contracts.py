@@ -52,10 +52,30 @@ def test_env_example_defaults_load() -> None:
     ("OTEL_TRACES_EXPORTER", "jaeger"),
     ("SMTP_OUTBOUND_PROCESS", "yes"),
     ("SMTP_OUTBOUND_MAX_SESSIONS_PER_HOST", "0"),
+    ("INBOX_MASTER_KEY", "not base64!"),
+    ("INBOX_MASTER_KEY", "c2hvcnQ="),
+    ("SMTP_OUTBOUND_RELAY", "relay.example"),
+    ("SMTP_OUTBOUND_RELAY", "user@relay.example:587"),
+    ("INBOX_DNS_NAMESERVERS", "127.0.0.1, not-an-ip"),
+    ("INBOX_DNS_NAMESERVERS", "127.0.0.1:99999"),
 ], ids=["port-text", "port-range", "attempts-zero", "db-scheme", "bool", "exporter",
-        "outbound-process", "sessions-per-host-zero"])
+        "outbound-process", "sessions-per-host-zero", "master-key-base64",
+        "master-key-length", "relay-no-port", "relay-no-password", "nameserver-not-ip",
+        "nameserver-port"])
 def test_bad_setting_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(env={name: value})
     assert str(info.value).startswith(f"{name}:")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("name", "value", "secret"), [
+    ("INBOX_MASTER_KEY", "c2VjcmV0LWtleQ==", "c2VjcmV0LWtleQ"),
+    ("SMTP_OUTBOUND_RELAY", "user:s3cret@relay.example", "s3cret"),
+    ("INBOX_DATABASE_URL", "postgres://user:s3cret@db", "s3cret"),
+], ids=["master-key", "relay-password", "database-url"])
+def test_a_bad_secret_is_not_repeated(name: str, value: str, secret: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={name: value})
+    assert str(info.value).startswith(f"{name}:") and secret not in str(info.value)
+
