@@ -1,9 +1,13 @@
-"""Settings: the only place the environment is read. Names follow the system we succeed.
+"""Settings: the only place inbox reads the environment. Names follow the system we succeed.
 
-`load_settings()` reads the environment (and `.env` when present) once, at start-up; a bad
-value raises `ConfigError` naming the variable, before anything is opened or generated (values
-that only another module can judge, such as the master key, the relay and the nameservers, are
-checked here with that module's own parser). Nothing here runs at import time.
+`load_settings()` reads the process environment once, at start-up; a bad value raises
+`ConfigError` naming the variable, before anything is opened or generated (values that only
+another module can judge, such as the master key, the relay and the nameservers, are checked
+here with that module's own parser). Nothing here runs at import time.
+
+A `.env` file is not read: export its variables first (`set -a; . ./.env; set +a`). The
+OpenTelemetry SDK still honours the standard variables inbox does not interpret itself
+(`OTEL_RESOURCE_ATTRIBUTES`, `OTEL_BSP_*`, span limits, `OTEL_SDK_DISABLED`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "SMTP_OUTBOUND_DANE_MODE": ("off", "prefer", "require"),
     "SMTP_OUTBOUND_PROCESS": ("auto", "on", "off"),
     "OTEL_TRACES_EXPORTER": ("none", "console"),
+    # The standard OpenTelemetry sampler names ("" = inbox's default: record once read).
+    "OTEL_TRACES_SAMPLER": ("", "always_on", "always_off", "parentbased_always_on",
+                            "parentbased_always_off", "traceidratio",
+                            "parentbased_traceidratio"),
 }
 
 # Settings whose value a configuration error never repeats (keys, passwords, URLs with them).
@@ -143,6 +151,8 @@ class Settings(BaseSettings):
     # --- telemetry ---
     OTEL_SERVICE_NAME: str = "inbox"
     OTEL_TRACES_EXPORTER: str = "none"
+    OTEL_TRACES_SAMPLER: str = ""
+    OTEL_TRACES_SAMPLER_ARG: float = Field(1.0, ge=0, le=1)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings,  # type: ignore[no-untyped-def, override]

@@ -4,12 +4,12 @@ Spans are recorded only once something can read them: until a span processor is 
 console exporter, or one added in code, as the tests do) the sampler drops every span. Trace
 ids still propagate, but the per-span bookkeeping (ids, attributes, timing: ~0.1 ms of the event
 loop per request in the send benchmark) is skipped when `OTEL_TRACES_EXPORTER=none`. The standard
-`OTEL_TRACES_SAMPLER` variable, when set, decides instead.
+`OTEL_TRACES_SAMPLER` (with `OTEL_TRACES_SAMPLER_ARG`), when set, decides instead; both are
+read by Settings like every other variable, never here.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,11 +21,21 @@ from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
     ParentBased,
+    ParentBasedTraceIdRatio,
     Sampler,
     SamplingResult,
+    TraceIdRatioBased,
 )
 
 _configured = False
+
+# OTEL_TRACES_SAMPLER values without an argument (config.py lists every accepted value).
+_FIXED_SAMPLERS: dict[str, Sampler] = {
+    "always_on": ALWAYS_ON,
+    "always_off": ALWAYS_OFF,
+    "parentbased_always_on": ParentBased(ALWAYS_ON),
+    "parentbased_always_off": ParentBased(ALWAYS_OFF),
+}
 
 
 class _WhenRead(Sampler):
@@ -66,10 +76,23 @@ def recording(provider: Any = None) -> bool:
     return when_read is None or when_read.read
 
 
+def configured_sampler(settings: Any) -> Sampler | None:
+    """The sampler OTEL_TRACES_SAMPLER names (its standard meaning; the ratio samplers take
+    OTEL_TRACES_SAMPLER_ARG), or None when it is not set."""
+    name, ratio = settings.OTEL_TRACES_SAMPLER, settings.OTEL_TRACES_SAMPLER_ARG
+    if name == "traceidratio":
+        return TraceIdRatioBased(ratio)
+    if name == "parentbased_traceidratio":
+        return ParentBasedTraceIdRatio(ratio)
+    return _FIXED_SAMPLERS.get(name)
+
+
 def make_provider(settings: Any) -> TracerProvider:
     """The tracer provider for these settings (not installed)."""
     resource = Resource.create({"service.name": settings.OTEL_SERVICE_NAME})
-    provider = (TracerProvider(resource=resource) if os.environ.get("OTEL_TRACES_SAMPLER")
+    sampler = configured_sampler(settings)
+    # An explicit sampler, so the SDK never reads OTEL_TRACES_SAMPLER from the environment.
+    provider = (TracerProvider(resource=resource, sampler=sampler) if sampler is not None
                 else _Provider(resource))
     if settings.OTEL_TRACES_EXPORTER == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))

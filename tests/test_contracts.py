@@ -58,10 +58,12 @@ def test_env_example_defaults_load() -> None:
     ("SMTP_OUTBOUND_RELAY", "user@relay.example:587"),
     ("INBOX_DNS_NAMESERVERS", "127.0.0.1, not-an-ip"),
     ("INBOX_DNS_NAMESERVERS", "127.0.0.1:99999"),
+    ("OTEL_TRACES_SAMPLER", "sometimes"),
+    ("OTEL_TRACES_SAMPLER_ARG", "2"),
 ], ids=["port-text", "port-range", "attempts-zero", "db-scheme", "bool", "exporter",
         "outbound-process", "sessions-per-host-zero", "master-key-base64",
         "master-key-length", "relay-no-port", "relay-no-password", "nameserver-not-ip",
-        "nameserver-port"])
+        "nameserver-port", "sampler", "sampler-arg"])
 def test_bad_setting_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(env={name: value})
@@ -79,3 +81,12 @@ def test_a_bad_secret_is_not_repeated(name: str, value: str, secret: str) -> Non
         load_settings(env={name: value})
     assert str(info.value).startswith(f"{name}:") and secret not in str(info.value)
 
+
+def test_only_config_reads_the_environment() -> None:
+    """Every variable goes through Settings (and so into .env.example and its checks)."""
+    reads = re.compile(r"\bgetenv\b|\benviron\b(?!\[[^]]*\]\s*=[^=])")  # a write is no read
+    found = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+             for path in sorted((ROOT / "inbox").rglob("*.py")) if path.name != "config.py"
+             for number, line in enumerate(path.read_text().splitlines(), 1)
+             if reads.search(line.split("#", 1)[0])]
+    assert found == []
