@@ -7,6 +7,8 @@ same data dir and every message it acknowledged must still be delivered (at leas
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
+from inbox.config import load_settings
+from inbox.storage import Database
 from tests.conftest import MASTER_KEY, MESSAGE, SEND, publish, route_to_sink
 from tests.support.dnsserver import DnsServer
 from tests.support.procs import Service, inbox_env, run_cli_json
@@ -162,4 +166,67 @@ def test_acknowledged_messages_survive_kill(setup: Setup, smtp_sink: SmtpSink) -
     assert sorted(r["address"] for m in delivered.values() for r in m["recipients"]) == \
         sorted(rcpts)
     received = sorted(r for m in smtp_sink.messages for r in m.rcpt_tos)
+    assert set(received) == set(rcpts), received  # every one arrived (at least once)
+
+
+async def _jobs_left(env: dict[str, str]) -> list[dict[str, Any]]:
+    """The job rows in the data dir of a service that is no longer running."""
+    settings = load_settings(env=env)
+    db = Database(settings.database_url, namespace=settings.DATABASE_NAMESPACE,
+                  database=settings.DATABASE_DATABASE, sync=False)
+    await db.connect()
+    try:
+        return await db.one("SELECT * FROM job") or []
+    finally:
+        await db.close()
+
+
+def test_acknowledged_messages_handed_to_the_local_worker_survive_kill(
+        setup: Setup, smtp_sink: SmtpSink) -> None:
+    # The default path (workers on): each message is stored already leased to the service's
+    # own worker (delivery/handoff.py), which starts it at once. The MX holds every DATA
+    # unanswered, so nothing is delivered before the kill; the SMTP timeout is long enough that
+    # no attempt ends (and requeues its job) before it.
+    count = 10
+    rcpts = [f"held{i}@{DEST_DOMAIN}" for i in range(count)]
+    hold = threading.Event()
+    smtp_sink.hold_data = hold
+    env = {**setup.env, "SMTP_OUTBOUND_TIMEOUT_SECS": "120"}
+    first = Service(env, setup.logs, name="handoff")
+    try:
+        first.start()
+        with httpx.Client(base_url=first.base_url, timeout=10) as client, \
+                ThreadPoolExecutor(max_workers=5) as pool:
+            ids = list(pool.map(lambda i: send(client, setup.key, rcpts[i], f"h{i}"),
+                                range(count)))
+            first.kill()  # kill -9 right after the last acknowledgement
+        assert first.proc is not None and first.proc.returncode == -9
+        # Its delivery process dies with it (PR_SET_PDEATHSIG): let the sink see every session
+        # close before it may answer again, so no 250 goes to a peer about to vanish.
+        deadline = time.monotonic() + 10
+        while smtp_sink.open_sessions and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert smtp_sink.open_sessions == 0, "a delivery session outlived the killed service"
+    finally:
+        hold.set()
+        first.kill()
+    assert len(set(ids)) == count
+    time.sleep(0.2)
+    assert smtp_sink.messages == []  # nothing was delivered before the kill
+
+    # Every acknowledged message left a job leased to the dead service's worker (its name is
+    # host:pid:…), mid-attempt: the restarted service must take them over when the leases
+    # (2 s here) expire.
+    jobs = asyncio.run(_jobs_left(env))
+    assert len(jobs) == count
+    owner = f"{socket.gethostname()}:{first.proc.pid}:"
+    assert {(j["status"], j["attempts"]) for j in jobs} == {("processing", 1)}, jobs
+    assert all(j["owner"].startswith(owner) for j in jobs), jobs
+
+    with Service(setup.env, setup.logs, name="restarted") as second:
+        delivered = wait_delivered(second, setup.key, ids)
+        smtp_sink.wait_for_sync(count, timeout=10)
+    assert sorted(r["address"] for m in delivered.values() for r in m["recipients"]) == \
+        sorted(rcpts)
+    received = [r for m in smtp_sink.messages for r in m.rcpt_tos]
     assert set(received) == set(rcpts), received  # every one arrived (at least once)

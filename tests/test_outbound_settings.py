@@ -1,12 +1,32 @@
-"""Per-domain outbound TLS settings over GraphQL, and the delivery worker reading them."""
+"""Outbound settings over the real stack: per-domain TLS settings over GraphQL and the delivery
+worker reading them; SMTP_OUTBOUND_RELAY (a smarthost) as a setting, through build_services and
+the worker."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import dkim
 import pytest
 
-from tests.conftest import Stack, make_tenant
+from tests.conftest import (
+    SEND,
+    Stack,
+    make_settings,
+    make_tenant,
+    route_to_sink,
+    run_stack,
+    wait_status,
+)
+from tests.support.dnsserver import DnsServer
+from tests.support.fixtures_dns import dkim_dnsfunc
+from tests.support.fixtures_smtp import make_smtp_sink  # noqa: F401
+from tests.support.smtpsink import SmtpSink, make_self_signed_context
+from tests.support.testca import CertAuthority
+
+# ruff: noqa: F811 - pytest injects the imported fixtures by parameter name.
 
 SET = """
 mutation S($d: String!, $v: Boolean) {
@@ -49,3 +69,100 @@ async def test_only_admins_of_the_owning_org(stack: Stack) -> None:
                                       " domain = 'a.test'")
     assert row[0].get("outbound_dnssec_validate") is None
     assert a.org != b.org
+
+
+# -- SMTP_OUTBOUND_RELAY: everything through a smarthost -------------------------------------
+
+RELAY_USER, RELAY_PASSWORD = "relayuser", "pa:ss@w0rd"  # ":" and "@" in the password parse
+
+
+def _relay_sink(make_smtp_sink: Callable[..., SmtpSink], tmp_path: Path, *, tls: str
+                ) -> tuple[SmtpSink, Path]:
+    """A smarthost asking for AUTH, and a CA file for SMTP_OUTBOUND_CA_FILE. `tls`: "trusted"
+    (STARTTLS with a test-CA certificate for 127.0.0.1, the relay's name in the setting),
+    "self-signed" (a certificate nobody vouches for) or "none" (no STARTTLS)."""
+    ca = CertAuthority.create()
+    ca_file = tmp_path / "relay-ca.pem"
+    ca_file.write_bytes(ca.root.cert_pem)
+    context = None
+    if tls == "trusted":
+        context = ca.issue("relay.test", names=["127.0.0.1"]).server_context()
+    elif tls == "self-signed":
+        context = make_self_signed_context("127.0.0.1")
+    sink = make_smtp_sink(tls_context=context, auth_users={RELAY_USER: RELAY_PASSWORD},
+                          hostname="relay.test")
+    return sink, ca_file
+
+
+def _relay_settings(tmp_path: Path, dns: DnsServer, relay: SmtpSink, mx: SmtpSink,
+                    ca_file: Path, **extra: Any) -> Any:
+    return make_settings(
+        tmp_path, dns, INBOX_DB_SYNC="false",
+        SMTP_OUTBOUND_RELAY=f"{RELAY_USER}:{RELAY_PASSWORD}@127.0.0.1:{relay.port}",
+        SMTP_OUTBOUND_CA_FILE=str(ca_file),
+        SMTP_OUTBOUND_PORT=mx.port,  # where the MX hosts would be reached: unused
+        **extra)
+
+
+@pytest.mark.parametrize("process", ["off", "on"], ids=["in-process", "delivery-process"])
+async def test_relay_setting_sends_everything_through_the_smarthost(
+        tmp_path: Path, dns_server: DnsServer, make_smtp_sink: Callable[..., SmtpSink],
+        process: str) -> None:
+    relay, ca_file = _relay_sink(make_smtp_sink, tmp_path, tls="trusted")
+    mx = make_smtp_sink()  # dest.test's real MX: must see nothing
+    settings = _relay_settings(tmp_path, dns_server, relay, mx, ca_file,
+                               SMTP_OUTBOUND_PROCESS=process)
+    async with run_stack(settings, dns_server) as stack:
+        tenant = await make_tenant(stack.services, dns_server)
+        route_to_sink(dns_server, "dest.test")  # an MX that points elsewhere ...
+        dns_server.add("nullmx.test", "MX", "0 .")  # ... one that accepts no mail (RFC 7505)
+        # ... and nowhere.test, which has no DNS records at all.
+        rcpts = ["a@dest.test", "b@nowhere.test", "c@nullmx.test"]
+        data = await stack.api(SEND, {"from": f"hello@{tenant.domain}", "to": rcpts,
+                                      "subject": "via the smarthost", "text": "t"},
+                               key=tenant.key)
+        payload = data["data"]["sendEmail"]
+        assert payload["errors"] == [], payload
+        msg = await wait_status(stack.api, tenant.key, payload["message"]["id"],
+                                {"DELIVERED", "FAILED", "PARTIALLY_DELIVERED"}, timeout=30)
+        assert {r["address"]: r["status"] for r in msg["recipients"]} == dict.fromkeys(
+            rcpts, "DELIVERED"), msg
+        received = await relay.wait_for(3)  # one job per recipient domain
+    assert mx.messages == []
+    assert sorted(r for m in received for r in m.rcpt_tos) == sorted(rcpts)
+    dnsfunc = dkim_dnsfunc(dns_server)
+    for message in received:
+        assert message.auth_user == RELAY_USER  # AUTH with the setting's credentials ...
+        assert message.tls is True  # ... only after STARTTLS
+        assert message.mail_from == f"hello@{tenant.domain}"
+        assert b"Subject: via the smarthost" in message.data
+        verifier = dkim.DKIM(message.data)  # signed before it went to the smarthost
+        assert verifier.verify(idx=0, dnsfunc=dnsfunc)
+        assert verifier.verify(idx=1, dnsfunc=dnsfunc)
+
+
+@pytest.mark.parametrize(("tls", "reason"), [
+    ("none", "does not offer STARTTLS"),
+    ("self-signed", "TLS handshake failed"),
+], ids=["no-starttls", "untrusted-certificate"])
+async def test_relay_credentials_never_go_in_the_clear_or_to_an_unverified_relay(
+        tmp_path: Path, dns_server: DnsServer, make_smtp_sink: Callable[..., SmtpSink],
+        tls: str, reason: str) -> None:
+    # The relay's STARTTLS is mandatory and its certificate checked (inbox/app.py builds the
+    # RelayConfig with starttls=True; no setting turns that off): a relay that cannot be
+    # verified is not used at all, the message waits, and no MX is tried instead.
+    relay, ca_file = _relay_sink(make_smtp_sink, tmp_path, tls=tls)
+    mx = make_smtp_sink()
+    settings = _relay_settings(tmp_path, dns_server, relay, mx, ca_file,
+                               SMTP_OUTBOUND_PROCESS="off")
+    async with run_stack(settings, dns_server) as stack:
+        tenant = await make_tenant(stack.services, dns_server)
+        route_to_sink(dns_server, "dest.test")
+        data = await stack.api(SEND, {"from": f"hello@{tenant.domain}", "to": ["a@dest.test"],
+                                      "subject": "s", "text": "t"}, key=tenant.key)
+        msg = await wait_status(stack.api, tenant.key, data["data"]["sendEmail"]["message"]["id"],
+                                {"DEFERRED"})
+    [rcpt] = msg["recipients"]
+    assert rcpt["lastResponse"].startswith("451 4.4.1") and reason in rcpt["lastResponse"], rcpt
+    assert RELAY_PASSWORD not in rcpt["lastResponse"]
+    assert relay.messages == [] and mx.messages == []

@@ -4,6 +4,7 @@ on shutdown; many workers deliver many jobs exactly once."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -369,3 +370,94 @@ async def test_tls_report_counts_are_written_with_the_results_they_belong_to(
     got = sorted((r["success"], r.get("result_type"), r["mx_host"], r["n"]) for r in rows)
     assert got == [(False, "starttls-not-supported", "mx.dest.test", 1),
                    (True, None, "mx.dest.test", 4)]
+
+
+async def test_graceful_shutdown_gives_back_the_leases_of_deliveries_held_at_a_stalled_mx(
+    open_services: Any, dns_server: Any, smtp_sink: Any
+) -> None:
+    # Leases of 5 minutes: a job left leased would wait that long. The MX holds every DATA
+    # unanswered, longer than the worker waits for deliveries in flight when it stops, so the
+    # stop must cancel them and release their jobs. In-process transport: a cancelled session
+    # closes its socket, so none of the held DATAs is ever answered with a 250.
+    services = await open_services(
+        SMTP_OUTBOUND_PORT=smtp_sink.port,
+        SMTP_OUTBOUND_QUEUE_LEASE_SECS=300,
+        SMTP_OUTBOUND_TIMEOUT_SECS=120,
+        SMTP_OUTBOUND_PROCESS="off",
+    )
+    tenant = await make_tenant(services, dns_server)
+    route_to_sink(dns_server, "dest.test")
+    principal = Principal(tenant.org, "key_test", frozenset({"send"}))
+    hold = smtp_sink.hold_data = threading.Event()
+    queued = await _submit_many(services, tenant, 2)  # leased by the worker when it starts
+    first = services.worker("w1")
+    stop = asyncio.Event()
+    run = asyncio.create_task(first.run(stop))
+    try:
+        for _ in range(200):  # the start-up lease took the queued jobs
+            if not first._backlog:
+                break
+            await asyncio.sleep(0.05)
+        # The default path: stored already leased to the running worker (direct handoff).
+        handed = []
+        for i in range(2):
+            msg = OutboundMessage(from_=f"a@{tenant.domain}", to=[f"h{i}@dest.test"],
+                                  subject=f"h{i}", text_body="x")
+            handed.append((await submit(services.db, principal, msg, SubmitOptions(),
+                                        settings=services.settings, now=services.clock(),
+                                        handoff=services.handoff))["id"])
+        assert services.handoff.handed == 2
+        ids = queued + handed
+        jobs = await services.db.one("SELECT * FROM job WHERE message IN $ids", {"ids": ids})
+        assert {(j["status"], j["owner"]) for j in jobs} == {("processing", "w1")}
+        assert len(jobs) == 4
+        assert await asyncio.to_thread(smtp_sink.data_held.wait, 20), "no DATA reached the MX"
+        stopped_at = services.clock()
+        stop.set()
+        await asyncio.wait_for(run, 60)  # waits out the deliveries' grace, then cancels them
+    finally:
+        stop.set()
+        if not run.done():
+            run.cancel()
+        # The cancelled sessions are gone (their DATAs cancelled with them) before the MX may
+        # answer again.
+        for _ in range(500):
+            if not smtp_sink.open_sessions:
+                break
+            await asyncio.sleep(0.02)
+        hold.set()
+    assert smtp_sink.open_sessions == 0
+    released_at = services.clock()
+    jobs = await services.db.one("SELECT * FROM job WHERE message IN $ids", {"ids": ids})
+    # Back in the queue and due now, not at the end of the 5-minute lease; the attempt that
+    # was cut short is not counted.
+    assert {(j["status"], j.get("owner"), j.get("lease_until")) for j in jobs} == {
+        ("queued", None, None)}
+    assert all(stopped_at <= j["due"] <= released_at for j in jobs), jobs
+    assert {j["attempts"] for j in jobs} == {0}
+    assert await services.db.one(
+        "SELECT VALUE status FROM recipient WHERE message IN $ids", {"ids": ids}
+    ) == ["QUEUED"] * 4
+    assert smtp_sink.messages == []
+
+    # Another worker takes them at once (its first lease) and delivers each once.
+    second = services.worker("w2")
+    stop = asyncio.Event()
+    run = asyncio.create_task(second.run(stop))
+    try:
+        await smtp_sink.wait_for(4, timeout=30)
+        for _ in range(200):
+            statuses = await services.db.one(
+                "SELECT VALUE status FROM message WHERE meta::id(id) IN $ids", {"ids": ids})
+            if statuses == ["DELIVERED"] * 4:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await run
+    assert statuses == ["DELIVERED"] * 4
+    counts = Counter(r for m in smtp_sink.messages for r in m.rcpt_tos)
+    assert counts == Counter({"u0@dest.test": 1, "u1@dest.test": 1, "h0@dest.test": 1,
+                              "h1@dest.test": 1})
+    jobs = await services.db.one("SELECT * FROM job WHERE message IN $ids", {"ids": ids})
+    assert {(j["status"], j["attempts"]) for j in jobs} == {("done", 1)}
