@@ -79,6 +79,43 @@ def _unavailable(exc: BaseException) -> BaseException:
     return StorageUnavailable("could not store the message; try again later")
 
 
+def list_query(org: str, mailbox: str, *, folder: str = "INBOX", unread: bool | None = None,
+               starred: bool | None = None, from_address: str | None = None,
+               search: str | None = None, first: int = 50, after: str | None = None
+               ) -> tuple[str, dict[str, Any]]:
+    """The SELECT (and its parameters) of one page of `MailStore.list_messages`.
+
+    An index range (inbound_folder) in list order, newest first, that stops at the LIMIT: no
+    ORDER BY, which would read and sort the whole folder. So every filter is a plain
+    comparison (`=`, `CONTAINS`) ANDed to the range: with a function call or an OR at the top
+    of a condition the planner drops the index for a forward scan of the whole table
+    (EXPLAIN: "Iterate Table"), which is record id order, oldest first; the LIMIT then kept
+    the OLDEST matches and paging from the last of them skipped the rest. On strings
+    CONTAINS is a substring test; the search's OR is an array of per-field tests.
+    """
+    if folder not in FOLDERS:
+        raise ValidationError(f"folder must be one of {', '.join(FOLDERS)}", field=["folder"])
+    where = ["org = $org", "mailbox = $mailbox", "folder = $folder", "list_key > $key",
+             "deleting = false"]
+    params: dict[str, Any] = {"org": org, "mailbox": mailbox, "folder": folder,
+                              "limit": first + 1, "key": list_key(after) if after else ""}
+    if unread is not None:
+        where.append("read = $read")
+        params["read"] = not unread
+    if starred is not None:
+        where.append("starred = $starred")
+        params["starred"] = starred
+    if from_address:
+        where.append("(from_address ?? '') CONTAINS $from")
+        params["from"] = from_address.lower()
+    if search:
+        where.append("[string::lowercase(subject ?? '') CONTAINS $q,"
+                     " string::lowercase(snippet ?? '') CONTAINS $q,"
+                     " (from_address ?? '') CONTAINS $q] CONTAINS true")
+        params["q"] = search.lower()
+    return f"SELECT * FROM inbound_message WHERE {' AND '.join(where)} LIMIT $limit", params
+
+
 class MailStore:
     def __init__(self, db: Database, blobs: Any, org_keys: Any, *, keep_parts: bool = False
                  ) -> None:
@@ -263,32 +300,10 @@ class MailStore:
                    from_address: str | None = None, search: str | None = None,
                    first: int = 50, after: str | None = None) -> list[dict[str, Any]]:
         """Newest first; `after` is the id of the last row of the previous page."""
-        if folder not in FOLDERS:
-            raise ValidationError(f"folder must be one of {', '.join(FOLDERS)}",
-                                  field=["folder"])
-        # An index range in list order (newest first) that stops at the LIMIT: no ORDER BY,
-        # which would read and sort the whole folder.
-        where = ["org = $org", "mailbox = $mailbox", "folder = $folder", "list_key > $key",
-                 "deleting = false"]
-        params: dict[str, Any] = {"org": org, "mailbox": mailbox, "folder": folder,
-                                  "limit": first + 1, "key": list_key(after) if after else ""}
-        if unread is not None:
-            where.append("read = $read")
-            params["read"] = not unread
-        if starred is not None:
-            where.append("starred = $starred")
-            params["starred"] = starred
-        if from_address:
-            where.append("string::contains(from_address, $from)")
-            params["from"] = from_address.lower()
-        if search:
-            where.append("(string::contains(string::lowercase(subject ?? ''), $q) OR"
-                         " string::contains(string::lowercase(snippet ?? ''), $q) OR"
-                         " string::contains(from_address ?? '', $q))")
-            params["q"] = search.lower()
-        rows = await self.db.one(
-            f"SELECT * FROM inbound_message WHERE {' AND '.join(where)} LIMIT $limit",
-            params) or []
+        sql, params = list_query(org, mailbox, folder=folder, unread=unread, starred=starred,
+                                 from_address=from_address, search=search, first=first,
+                                 after=after)
+        rows = await self.db.one(sql, params) or []
         rows.sort(key=lambda r: r["list_key"])  # already so: the index's order
         return rows
 
