@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -210,6 +211,72 @@ async def test_many_concurrent_puts(store: Any) -> None:
     got = await asyncio.gather(*(store.get(k, tenant_key=KEY_A) for k in keys))
     assert got == [k.encode() for k in keys]
     assert await store.delete_prefix("att/o/m/") == 24
+
+
+SLOW_SECS = 0.4
+
+
+def inject_faults(store: Any) -> None:
+    """Fault injection on a real store: a put of a key ending "fail" fails at once, one ending
+    "slow" is written (for real) only after SLOW_SECS."""
+    if isinstance(store, LocalBlobStore):
+        write = store._write  # runs in a worker thread, as a real write does
+
+        def faulty_write(key: str, data: bytes, tenant_key: bytes) -> Path:
+            if key.endswith("fail"):
+                raise OSError(5, "Input/output error")
+            if key.endswith("slow"):
+                time.sleep(SLOW_SECS)
+            return write(key, data, tenant_key)
+
+        store._write = faulty_write  # type: ignore[method-assign]
+    else:
+        put = store.put
+
+        async def faulty_put(key: str, data: bytes, *, tenant_key: bytes) -> None:
+            if key.endswith("fail"):
+                raise StorageUnavailable("S3 put_object: InternalError")
+            if key.endswith("slow"):
+                await asyncio.sleep(SLOW_SECS)
+            await put(key, data, tenant_key=tenant_key)
+
+        store.put = faulty_put
+
+
+async def test_failed_put_many_leaves_no_blob(store: Any) -> None:
+    """One write of a batch fails at once while another is still being written: put_many
+    raises only after every write has finished, and leaves none of the batch behind, even
+    when the caller deletes the batch's keys right away (as MailStore does)."""
+    inject_faults(store)
+    keys = [attachment_key("o", "m", "x", p) for p in ("slow", "ok", "fail", "ok2")]
+    with pytest.raises(StorageUnavailable):
+        await store.put_many([(k, RAW, KEY_A) for k in keys])
+    assert [await store.exists(k) for k in keys] == [False] * 4
+    for key in keys:  # the caller's clean-up
+        await store.delete(key)
+    await asyncio.sleep(SLOW_SECS + 0.3)  # a write still running would land by now
+    assert [await store.exists(k) for k in keys] == [False] * 4
+    if isinstance(store, LocalBlobStore):
+        assert files_under(store.root) == []
+    # The store keeps working.
+    await store.put_many([(attachment_key("o", "m", "y", "p1"), RAW, KEY_A)])
+    assert await store.get(attachment_key("o", "m", "y", "p1"), tenant_key=KEY_A) == RAW
+
+
+async def test_cancelled_put_many_waits_for_its_writes(tmp_path: Path) -> None:
+    """Cancelled mid-batch (a write still in its thread, which cannot be stopped), put_many
+    re-raises the cancellation only after that write has finished and been removed."""
+    store = LocalBlobStore(tmp_path)
+    inject_faults(store)
+    keys = [attachment_key("o", "m", "x", p) for p in ("slow", "ok")]
+    task = asyncio.ensure_future(store.put_many([(k, RAW, KEY_A) for k in keys]))
+    await asyncio.sleep(SLOW_SECS / 4)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert files_under(tmp_path) == []
+    await asyncio.sleep(SLOW_SECS)
+    assert files_under(tmp_path) == []
 
 
 BAD_CALLS = [

@@ -1,6 +1,7 @@
-"""Blob key layout for inbound mail and the argument checks every blob store shares (keys,
-prefixes, tenant keys). Does no I/O; the stores are in inbox.storage.blobs (local directory)
-and inbox.storage.s3blobs (S3).
+"""Blob key layout for inbound mail, the argument checks every blob store shares (keys,
+prefixes, tenant keys) and how a batch put settles when part of it fails (`put_batch`). Does
+no I/O itself; the stores are in inbox.storage.blobs (local directory) and
+inbox.storage.s3blobs (S3).
 
 Key layout (every component is one of our own ids, [A-Za-z0-9._-], never "." or ".."):
 
@@ -11,11 +12,16 @@ Key layout (every component is one of our own ids, [A-Za-z0-9._-], never "." or 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from inbox.errors import ValidationError
 from inbox.storage.envelope import KEY_LEN
+
+log = logging.getLogger(__name__)
 
 _COMPONENT = re.compile(r"[A-Za-z0-9._-]{1,200}")
 # kind -> number of path segments after the kind; the last segment of msg keys ends ".eml".
@@ -81,6 +87,7 @@ def validate_prefix(prefix: str) -> bool:
         _component(part, "prefix")
     return False
 
+
 def check_tenant_key(tenant_key: bytes) -> bytes:
     """`tenant_key` if it is a 32-byte key; ValidationError otherwise."""
     if not isinstance(tenant_key, bytes) or len(tenant_key) != KEY_LEN:
@@ -108,3 +115,55 @@ async def delete_message(store: BlobStore, org: str, mailbox: str, message_id: s
     for prefix in message_prefixes(org, mailbox, message_id):
         count += await store.delete_prefix(prefix)
     return count
+
+
+async def finish_all(aws: list[Awaitable[Any]]) -> tuple[list[Any], bool]:
+    """Run `aws` concurrently and return only once every one has finished: each one's result
+    or exception, in order, and whether the caller was cancelled meanwhile (it then re-raises
+    the cancellation itself, after its clean-up).
+
+    Not asyncio.gather: that returns at the first exception (or cancellation) while the others
+    run on, and a blocking call in a worker thread cannot be cancelled at all, so a failed
+    batch put went on writing blobs after its caller had deleted the batch's keys.
+    """
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    cancelled = False
+    while tasks:
+        try:
+            await asyncio.wait(tasks)  # never cancels the tasks, even when cancelled itself
+            break
+        except asyncio.CancelledError:
+            cancelled = True
+    return [asyncio.CancelledError() if t.cancelled() else t.exception() or t.result()
+            for t in tasks], cancelled
+
+
+async def put_batch(keys: list[str], puts: list[Awaitable[Any]],
+                    delete: Callable[[str], Awaitable[Any]]) -> list[Any]:
+    """Await `puts` (concurrently) that write the blobs `keys`; their results if every one
+    succeeded.
+
+    Otherwise, once every put has finished, every one of `keys` is deleted (a failed put may
+    still have stored its object, e.g. an S3 reply lost to a timeout) and the first error is
+    raised (the cancellation, if the caller was cancelled). So when this raises, nothing of
+    the batch is stored and nothing is still being written.
+    """
+    results, cancelled = await finish_all(puts)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if not failed and not cancelled:
+        return results
+    await remove_all(keys, delete)
+    if cancelled:
+        raise asyncio.CancelledError
+    raise failed[0]
+
+
+async def remove_all(keys: list[str], delete: Callable[[str], Awaitable[Any]]) -> None:
+    """Delete `keys` concurrently and wait for all; a delete that fails is logged (the caller
+    may try again), not raised."""
+    results, cancelled = await finish_all([delete(k) for k in keys])
+    for key, result in zip(keys, results, strict=True):
+        if isinstance(result, Exception):
+            log.warning("could not delete blob %s of a failed put", key, exc_info=result)
+    if cancelled:
+        raise asyncio.CancelledError

@@ -40,6 +40,7 @@ from inbox.storage.blobkeys import (
     message_key,
     message_prefixes,
     part_key,
+    put_batch,
     validate_key,
     validate_prefix,
 )
@@ -75,12 +76,6 @@ class LocalBlobStore:
 
     def _put(self, key: str, data: bytes, tenant_key: bytes) -> None:
         _fsync_dir(self._write(key, data, tenant_key).parent)
-
-    def _put_many(self, items: list[tuple[str, bytes, bytes]]) -> None:
-        """Write every blob, then fsync each directory once (a group commit for blobs)."""
-        parents = {self._write(key, data, tenant_key).parent for key, data, tenant_key in items}
-        for parent in parents:
-            _fsync_dir(parent)
 
     def _write(self, key: str, data: bytes, tenant_key: bytes) -> Path:
         """Encrypt, write to a temp file, fsync, rename into place; the caller fsyncs the
@@ -147,15 +142,19 @@ class LocalBlobStore:
         await _local(self._put, key, bytes(data), _check_tenant_key(tenant_key))
 
     async def put_many(self, items: list[tuple[str, bytes, bytes]]) -> None:
-        """Put several (key, data, tenant_key) blobs in one worker-thread hop; all durable
-        when it returns. On failure some may be written: the caller deletes them."""
+        """Put several (key, data, tenant_key) blobs; all durable when it returns. If it
+        raises, every write has finished and none of the batch's blobs is left."""
         checked = [(k, bytes(d), _check_tenant_key(t)) for k, d, t in items]
-        if len(checked) <= 1:
-            await _local(self._put_many, checked)
+        keys = [k for k, _, _ in checked]
+        if len(checked) == 1:  # write and fsync in one worker-thread hop
+            await put_batch(keys, [_local(self._put, *checked[0])], self.delete)
             return
-        # Writes in parallel threads: concurrent fsyncs share one ext4 journal commit.
-        paths = await asyncio.gather(*(_local(self._write, k, d, t) for k, d, t in checked))
-        await asyncio.gather(*(_local(_fsync_dir, p) for p in {p.parent for p in paths}))
+        # Writes in parallel threads: concurrent fsyncs share one ext4 journal commit. Then
+        # each directory once (a group commit for blobs); a failure there undoes them all.
+        paths = await put_batch(keys, [_local(self._write, k, d, t) for k, d, t in checked],
+                                self.delete)
+        await put_batch(keys, [_local(_fsync_dir, p) for p in {p.parent for p in paths}],
+                        self.delete)
 
     async def get(self, key: str, *, tenant_key: bytes) -> bytes:
         return await _local(self._get, key, _check_tenant_key(tenant_key))

@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from inbox.errors import ConfigError, NotFound, StorageUnavailable
-from inbox.storage.blobkeys import check_tenant_key, validate_key, validate_prefix
+from inbox.storage.blobkeys import check_tenant_key, put_batch, validate_key, validate_prefix
 from inbox.storage.envelope import DecryptionFailed
 
 __all__ = ["S3BlobStore"]
@@ -102,8 +102,10 @@ class S3BlobStore:
             pass
 
     async def put_many(self, items: list[tuple[str, bytes, bytes]]) -> None:
-        """Put several (key, data, tenant_key) blobs concurrently (within max_concurrency)."""
-        await asyncio.gather(*(self.put(k, d, tenant_key=t) for k, d, t in items))
+        """Put several (key, data, tenant_key) blobs concurrently (within max_concurrency). If
+        it raises, every put has finished and none of the batch's objects is left."""
+        await put_batch([k for k, _, _ in items],
+                        [self.put(k, d, tenant_key=t) for k, d, t in items], self.delete)
 
     async def put(self, key: str, data: bytes, *, tenant_key: bytes) -> None:
         args = {"Bucket": self.bucket, "Key": validate_key(key), "Body": bytes(data),
