@@ -35,6 +35,12 @@ class ValidationError(InboxError):
     smtp_enhanced = "5.6.0"
 
 
+class UnencodableText(ValidationError):
+    """Text that cannot be encoded as UTF-8 (a lone surrogate): the client's input, never a
+    fault of ours, so permanent. The GraphQL boundary refuses it naming the argument; the
+    database gateway raises this for any that gets past (it cannot name the field)."""
+
+
 class InvalidAddress(ValidationError):
     code = "INVALID_ADDRESS"
     smtp_enhanced = "5.1.3"

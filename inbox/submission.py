@@ -24,6 +24,7 @@ from inbox.errors import (
     IdempotencyConflict,
     NotFound,
     QuotaExceeded,
+    UnencodableText,
     ValidationError,
 )
 from inbox.message import (
@@ -37,6 +38,7 @@ from inbox.message import (
 )
 from inbox.storage import Database, DbThrow, new_id
 from inbox.storage.schema import list_key
+from inbox.storage.wire import unencodable
 from inbox.telemetry import recording
 from inbox.tenancy import Principal, TenantCache, effective_quotas
 
@@ -74,19 +76,36 @@ def _payload_hash(msg: OutboundMessage | RawMessage, opts: SubmitOptions) -> str
 
 
 def _check_options(opts: SubmitOptions) -> None:
-    if opts.idempotency_key is not None and not (1 <= len(opts.idempotency_key) <= 200):
-        raise ValidationError("idempotencyKey must be 1-200 characters",
-                              field=["idempotencyKey"])
+    """Tags, metadata and the idempotency key: sizes, and text that can be stored (no lone
+    surrogates: GraphQL refuses those at its boundary, but an SMTP Idempotency-Key header is
+    decoded with surrogateescape)."""
+    idem = opts.idempotency_key
+    if idem is not None:
+        if not 1 <= len(idem) <= 200:
+            raise ValidationError("idempotencyKey must be 1-200 characters",
+                                  field=["idempotencyKey"])
+        if unencodable(idem) is not None:
+            raise UnencodableText("idempotencyKey is not valid Unicode (a lone surrogate)",
+                                  field=["idempotencyKey"])
     if len(opts.tags) > MAX_TAGS:
         raise ValidationError(f"at most {MAX_TAGS} tags", field=["tags"])
     for i, tag in enumerate(opts.tags):
         if not tag or len(tag) > 100 or any(ord(c) < 32 for c in tag):
             raise ValidationError("tags are 1-100 printable characters", field=["tags", str(i)])
+        if unencodable(tag) is not None:
+            raise UnencodableText("a tag is not valid Unicode (a lone surrogate)",
+                                  field=["tags", str(i)])
     if len(opts.metadata) > MAX_METADATA_KEYS:
         raise ValidationError(f"at most {MAX_METADATA_KEYS} metadata keys", field=["metadata"])
     for key, value in opts.metadata.items():
+        if unencodable(key) is not None:  # not named in `field`: it cannot be shown either
+            raise UnencodableText("a metadata key is not valid Unicode (a lone surrogate)",
+                                  field=["metadata"])
         if not key or len(key) > 100 or len(str(value)) > 1000:
             raise ValidationError("metadata keys are 1-100 and values up to 1000 characters",
+                                  field=["metadata", key])
+        if unencodable(value) is not None:
+            raise UnencodableText("a metadata value is not valid Unicode (a lone surrogate)",
                                   field=["metadata", key])
 
 

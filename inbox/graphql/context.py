@@ -26,6 +26,8 @@ class Context(BaseContext):
             scheme, _, token = self._authorization().partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 raise Unauthenticated("send 'Authorization: Bearer <API key>'")
+            if not token.isascii():  # our keys are ASCII; a websocket's JSON could hold anything
+                raise Unauthenticated("malformed API key")
             self._principal = await self.services.auth.authenticate(self.services.db, token)
         self._principal.require(scope)
         return self._principal

@@ -16,6 +16,7 @@ from strawberry.scalars import JSON
 from inbox import tenancy
 from inbox.delivery import suppressions as supp
 from inbox.errors import InboxError, ValidationError
+from inbox.graphql.arguments import guard_arguments
 from inbox.graphql.doccache import DocumentCache
 from inbox.graphql.types import (
     ApiKey,
@@ -409,4 +410,5 @@ def build_schema() -> strawberry.Schema:
         extensions=[lambda: document_cache, ErrorPolicy],
     )
     schema.document_cache = document_cache  # graphql/http.py runs validated documents itself
+    guard_arguments(schema._schema)  # text the database cannot take: a typed error (arguments.py)
     return schema

@@ -25,7 +25,7 @@ from typing import Any
 
 from surrealdb import AsyncEmbeddedSurrealConnection, AsyncSurreal, RecordID
 
-from inbox.errors import ConfigError, Conflict, InboxError, StorageUnavailable
+from inbox.errors import ConfigError, Conflict, InboxError, StorageUnavailable, UnencodableText
 from inbox.storage import wire
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,8 @@ class Database:
                     params = {k: v for m in members for k, v in m.params.items()}
                 async with self._lock:
                     raw = await self._conn.query_raw(sql, dict(params or {}))
+        except UnicodeEncodeError:  # text from a client that UTF-8 cannot carry: not ours
+            raise unencodable_text() from None
         except Exception as exc:  # noqa: BLE001 - SDK raises bare RuntimeError on parse errors
             log.exception("database call failed")
             raise StorageUnavailable(f"database error: {exc}") from None
@@ -221,7 +223,10 @@ class Database:
                          params={f"{k}__{index}": v for k, v in params.items()},
                          future=asyncio.get_running_loop().create_future())
         if self.embedded:
-            member.pairs = wire.map_pairs(member.params)
+            try:
+                member.pairs = wire.map_pairs(member.params)
+            except UnicodeEncodeError:
+                raise unencodable_text() from None
             member.count = len(member.params)
         group.pending.append(member)
         if group.flusher is None or group.flusher.done():
@@ -287,6 +292,16 @@ class Database:
         with its own results."""
         try:
             results = (await self._query(sql, None, batch)).get("result") or []
+        except UnencodableText as exc:
+            # A server's SDK encodes the group's parameters together: one member's bad text
+            # must not fail the others (the embedded engine's members are encoded apart and
+            # never get here with it).
+            if len(batch) == 1:
+                _fail_members(batch, exc)
+                return
+            for member in batch:
+                await self._run_members([member], member.text)
+            return
         except InboxError as exc:
             _fail_members(batch, exc)
             return
@@ -315,6 +330,13 @@ class Database:
         """Run statements and return the last statement's result."""
         results = await self.run(sql, params)
         return results[-1] if results else None
+
+
+def unencodable_text() -> UnencodableText:
+    """The error for parameters with text that UTF-8 cannot encode (a lone surrogate): the
+    caller's input, permanent, rather than StorageUnavailable, which says "try again"."""
+    return UnencodableText("text with an unpaired surrogate cannot be stored; "
+                           "send valid Unicode")
 
 
 GROUP_MAX = 64

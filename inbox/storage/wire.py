@@ -41,6 +41,44 @@ _ids = itertools.count(1)
 _local = threading.local()
 
 
+def unencodable(value: Any) -> list[str] | None:
+    """Where in `value` (a str, or lists and dicts of them, as JSON gives) is text that cannot be
+    encoded as UTF-8, which is what the wire sends: a lone surrogate, as JSON's "\\ud800" or
+    Python's surrogateescape give. None if there is none; else the path to the first such
+    string: list indexes and dict keys as text, and no step for a dict key that is itself
+    bad. Other values (numbers, datetimes, enums) are not looked into.
+
+    Cheap on ordinary text: `str.isascii()` reads a flag the string keeps, so only non-ASCII
+    text is encoded to be sure."""
+    kind = type(value)
+    if kind is str:
+        if value.isascii():
+            return None
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return []
+        return None
+    if kind is list or kind is tuple:
+        for index, item in enumerate(value):
+            if type(item) is str and item.isascii():
+                continue
+            inner = unencodable(item)
+            if inner is not None:
+                return [str(index), *inner]
+        return None
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is str and not key.isascii() and unencodable(key) is not None:
+                return []
+            if type(item) is str and item.isascii():
+                continue
+            inner = unencodable(item)
+            if inner is not None:
+                return [str(key), *inner]
+    return None
+
+
 def _prepare(value: Any) -> Any:
     """`value` with None as the NONE tag and Decimal as tag 10, recursively."""
     kind = type(value)
