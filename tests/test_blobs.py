@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import stat
 import time
 import uuid
 from collections.abc import AsyncIterator
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,8 @@ from inbox.storage.blobs import (
     validate_key,
     validate_prefix,
 )
+from inbox.storage.db import new_id
+from inbox.storage.mimeparse import parse_inbound
 from tests.support.fixtures_smtp import refused_port
 from tests.support.localstack import LocalStack
 
@@ -46,7 +50,7 @@ GOOD_KEYS = [
     ("message", message_key, ("org_1", "mb-2", "im.3"), "msg/org_1/mb-2/im.3.eml"),
     ("attachment", attachment_key, ("o", "m", "id", "p1"), "att/o/m/id/p1"),
     ("part", part_key, ("o", "m", "id", "1.2.3"), "part/o/m/id/1.2.3"),
-    ("dots inside", part_key, ("o", "m", "a..b", "..."), "part/o/m/a..b/..."),
+    ("single dots inside", part_key, ("o", "m", "a.b", ".1.2-"), "part/o/m/a.b/.1.2-"),
 ]
 
 
@@ -57,8 +61,9 @@ def test_key_layout(build, args: tuple[str, ...], want: str) -> None:
     assert validate_key(want) == want
 
 
-BAD_COMPONENTS = ["", ".", "..", "a/b", "/", "a\\b", "a\x00b", "a\nb", "a\tb", "a b", "é",
-                  "a:b", "%2e%2e", "x" * 201, None]
+# No component may contain ".." (issue 3), not only be it: "a..b" and "..." were accepted.
+BAD_COMPONENTS = ["", ".", "..", "a..b", "...", "..a", "a..", "a/b", "/", "a\\b", "a\x00b",
+                  "a\nb", "a\tb", "a b", "é", "a:b", "%2e%2e", "x" * 201, None]
 
 
 @pytest.mark.parametrize("bad", BAD_COMPONENTS, ids=[repr(b)[:12] for b in BAD_COMPONENTS])
@@ -79,7 +84,8 @@ def test_bad_component_rejected(bad: Any, position: int) -> None:
 
 BAD_KEYS = ["", "msg", "msg/o/m/x", "msg/o/m/x.eml/y", "att/o/m/x", "part/o/m/x/1/2",
             "other/o/m/x.eml", "msg/../m/x.eml", "msg/o//x.eml", "/msg/o/m/x.eml",
-            "att/o/m/x/..", "msg/o/m/x.eml/"]
+            "att/o/m/x/..", "msg/o/m/x.eml/", "att/o/m/a..b/p", "part/o/m/x/1..2",
+            "msg/o/m/x..eml", "msg/o/m/...eml", "att/o..p/m/x/p"]
 
 
 @pytest.mark.parametrize("key", BAD_KEYS, ids=BAD_KEYS)
@@ -91,7 +97,7 @@ def test_bad_key_shape_rejected(key: str) -> None:
 PREFIXES = [("att/o/m/x/", False), ("msg/o/", False), ("part/o/m/", False),
             ("msg/o/m/x.eml", True), ("att/o/m/x/p", True)]
 BAD_PREFIXES = ["", "/", "msg/", "msg", "msg/o", "att/o/m/x/p/", "zzz/o/", "msg/../",
-                "msg/o/m/x"]
+                "msg/o/m/x", "att/o/a..b/", "msg/..o/", "att/o/m/x/p..q"]
 
 
 @pytest.mark.parametrize(("prefix", "exact"), PREFIXES, ids=[p for p, _ in PREFIXES])
@@ -105,12 +111,51 @@ def test_bad_prefix_rejected(prefix: str) -> None:
         validate_prefix(prefix)
 
 
+def test_message_id_may_not_end_in_a_dot() -> None:
+    # Its key's last component would be "x..eml".
+    with pytest.raises(ValidationError):
+        message_key("o", "m", "x.")
+    with pytest.raises(ValidationError):
+        message_prefixes("o", "m", "x.")
+
+
+def test_our_own_ids_make_valid_keys() -> None:
+    """What goes into keys is ours: organization, mailbox and message ids from new_id (no dots
+    at all), part ids "a<n>" and MIME paths "1.2.3" from the parser (single dots), never a
+    sender's Message-ID or filename."""
+    ids = [new_id(prefix) for prefix in ("org", "mbx", "im") for _ in range(50)]
+    assert all(re.fullmatch(r"[a-z]+_[0-9a-z]+", i) for i in ids)
+    nested = EmailMessage()
+    nested["From"] = "a@example.com"
+    nested["Message-ID"] = "<../../etc/passwd@x..y>"
+    nested.set_content("body")
+    nested.add_alternative("<p>body</p>", subtype="html")
+    for n in range(12):
+        nested.add_attachment(b"x" * n, maintype="application", subtype="octet-stream",
+                              filename=f"../../{n}..pdf")
+    inner = EmailMessage()
+    inner.set_content("inner")
+    inner.add_attachment(b"deep", maintype="application", subtype="pdf", filename="..")
+    nested.attach(inner)
+    parsed = parse_inbound(bytes(nested), keep_parts=True)
+    org, mailbox, mid = ids[0], ids[50], ids[100]
+    paths = [path for path, _, _ in parsed.parts]
+    assert len(parsed.attachments) == 13 and "1.14.2" in paths
+    keys = [message_key(org, mailbox, mid)]
+    keys += [attachment_key(org, mailbox, mid, a.part_id) for a in parsed.attachments]
+    keys += [part_key(org, mailbox, mid, path) for path in paths]
+    for key in keys:
+        assert validate_key(key) == key and ".." not in key
+
+
 def test_message_prefixes_cover_one_message_only() -> None:
     assert message_prefixes("o", "m", "x") == ["msg/o/m/x.eml", "att/o/m/x/", "part/o/m/x/"]
 
 
 @settings(max_examples=300, deadline=None)
-@given(parts=st.lists(st.text(min_size=0, max_size=12), min_size=4, max_size=4))
+@given(parts=st.lists(st.one_of(st.text(min_size=0, max_size=12),
+                                 st.text(alphabet="ab._-/", max_size=8)),
+                       min_size=4, max_size=4))
 def test_built_keys_never_escape(parts: list[str]) -> None:
     for kind, build, args in (("msg", message_key, parts[:3]),
                               ("att", attachment_key, parts), ("part", part_key, parts)):
@@ -120,7 +165,7 @@ def test_built_keys_never_escape(parts: list[str]) -> None:
             continue
         segments = key.split("/")
         assert segments[0] == kind and len(segments) == (4 if kind == "msg" else 5)
-        assert not {".", "..", ""} & set(segments)
+        assert not {".", "..", ""} & set(segments) and ".." not in key
         assert "\\" not in key and "\x00" not in key and key.isascii() and key.isprintable()
         assert validate_key(key) == key
         base = os.path.realpath("/srv/blobs")

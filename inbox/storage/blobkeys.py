@@ -3,7 +3,8 @@ prefixes, tenant keys) and how a batch put settles when part of it fails (`put_b
 no I/O itself; the stores are in inbox.storage.blobs (local directory) and
 inbox.storage.s3blobs (S3).
 
-Key layout (every component is one of our own ids, [A-Za-z0-9._-], never "." or ".."):
+Key layout (every component is one of our own ids, [A-Za-z0-9._-], never "." and never
+containing ".."; our ids have no dots at all, MIME paths single ones):
 
     msg/{org}/{mailbox}/{message_id}.eml            the raw message
     att/{org}/{mailbox}/{message_id}/{part_id}      an attachment
@@ -29,16 +30,20 @@ _SHAPES = {"msg": 3, "att": 4, "part": 4}
 
 
 def _component(value: object, what: str) -> str:
-    if (not isinstance(value, str) or not _COMPONENT.fullmatch(value)
-            or value in (".", "..")):
+    """`value` if it is a key component: [A-Za-z0-9._-]{1,200}, not "." and without "..";
+    ValidationError otherwise. No separator, no parent reference, nothing a path or an S3
+    console would read as one."""
+    if (not isinstance(value, str) or not _COMPONENT.fullmatch(value) or value == "."
+            or ".." in value):
         raise ValidationError(f"invalid {what} for a blob key: {value!r}", field=[what])
     return value
 
 
 def message_key(org: str, mailbox: str, message_id: str) -> str:
     """`msg/{org}/{mailbox}/{message_id}.eml`."""
-    return (f"msg/{_component(org, 'org')}/{_component(mailbox, 'mailbox')}/"
-            f"{_component(message_id, 'message_id')}.eml")
+    # The last component is checked with its ".eml" ("x." would make "x..eml").
+    last = _component(f"{_component(message_id, 'message_id')}.eml", "message_id")
+    return f"msg/{_component(org, 'org')}/{_component(mailbox, 'mailbox')}/{last}"
 
 
 def attachment_key(org: str, mailbox: str, message_id: str, part_id: str) -> str:

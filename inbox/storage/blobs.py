@@ -6,7 +6,8 @@ The key layout and checks live in `inbox.storage.blobkeys`, the S3 (SSE-C) store
 `inbox.storage.s3blobs`; both are re-exported here (`from inbox.storage.blobs import
 S3BlobStore, message_key, ...`).
 
-Key layout (every component is one of our own ids, [A-Za-z0-9._-], never "." or ".."):
+Key layout (every component is one of our own ids, [A-Za-z0-9._-], never "." and never
+containing ".."):
 
     msg/{org}/{mailbox}/{message_id}.eml            the raw message
     att/{org}/{mailbox}/{message_id}/{part_id}      an attachment
