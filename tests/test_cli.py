@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import signal
 import socket
@@ -166,3 +167,47 @@ def test_worker_refuses_a_data_dir_the_server_holds(env: dict[str, str],
         assert "Application shutdown complete" in log and "Finished server process" in log
     # Once it is gone the data dir is free again.
     assert run_cli_json(env, "org", "create", "After", "--json")["name"] == "After"
+
+
+ROOT = Path(__file__).resolve().parent.parent
+SMTP_PORTS = ("SMTP_TRANSFER_PORT", "SMTP_SUBMISSION_PORT", "SMTP_SUBMISSIONS_PORT")
+
+
+def _make_run(tmp_path: Path, *make_args: str, **env: str) -> list[str]:
+    """`make run` with PY= a stand-in that prints the SMTP ports `inbox serve` would get."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\n[ "$1 $2" = "-m inbox" ] || exit 0\n'
+                    + "".join(f'echo "{n}=${{{n}-unset}}"\n' for n in SMTP_PORTS))
+    fake.chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if k not in SMTP_PORTS and k != "LOW_PORTS"}
+    done = subprocess.run(["make", "-s", "run", f"PY={fake}", *make_args],
+                          env={**base, **env}, cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_make_run_moves_smtp_to_unprivileged_ports_when_it_cannot_bind_low_ones(
+        tmp_path: Path) -> None:
+    notice, *ports = _make_run(tmp_path, "LOW_PORTS=no")
+    assert notice == ("make run: not root, so SMTP listens on unprivileged ports: "
+                      "SMTP_TRANSFER_PORT=2525 SMTP_SUBMISSION_PORT=2587 "
+                      "SMTP_SUBMISSIONS_PORT=2465 (set them to choose others)")
+    assert ports == ["SMTP_TRANSFER_PORT=2525", "SMTP_SUBMISSION_PORT=2587",
+                     "SMTP_SUBMISSIONS_PORT=2465"]
+    # A port set in the environment is the operator's choice: kept, and not mentioned.
+    notice, *ports = _make_run(tmp_path, "LOW_PORTS=no", SMTP_TRANSFER_PORT="2600")
+    assert "SMTP_TRANSFER_PORT" not in notice and "SMTP_SUBMISSION_PORT=2587" in notice
+    assert ports == ["SMTP_TRANSFER_PORT=2600", "SMTP_SUBMISSION_PORT=2587",
+                     "SMTP_SUBMISSIONS_PORT=2465"]
+    assert _make_run(tmp_path, "LOW_PORTS=no", **{n: "0" for n in SMTP_PORTS}) == [
+        f"{n}=0" for n in SMTP_PORTS]
+
+
+def test_make_run_keeps_the_default_ports_when_it_can_bind_them(tmp_path: Path) -> None:
+    assert _make_run(tmp_path, "LOW_PORTS=yes") == [f"{n}=unset" for n in SMTP_PORTS]
+    # Without LOW_PORTS the Makefile decides: root, or a kernel that lets anyone bind 25.
+    start = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+    can_bind = os.geteuid() == 0 or (start.exists() and int(start.read_text()) <= 25)
+    lines = _make_run(tmp_path)
+    assert (lines == [f"{n}=unset" for n in SMTP_PORTS]) is can_bind, lines
