@@ -1,4 +1,4 @@
-"""CLI: `inbox serve | worker | org create | domain add | apikey create | mailbox create |
+"""CLI: `inbox serve | worker | org create | domain add/verify | apikey create | mailbox create |
 smtp-credential create/revoke | keygen | decrypt | schema`."""
 
 from __future__ import annotations
@@ -51,8 +51,42 @@ def cmd_domain_add(args: argparse.Namespace, settings: Settings) -> None:
         records = dns_records(row)
         lines = [f"domain {row['domain']} added (verified: {row['verified']}); publish:"]
         lines += [f"  {r['name']} {r['type']} \"{r['value']}\"" for r in records]
+        if not row["verified"]:
+            lines.append(f"then: inbox domain verify {args.org} {row['domain']}"
+                         " (or --force, for development, to skip DNS)")
         _print(args, {"domain": row["domain"], "verified": row["verified"], "records": records},
                "\n".join(lines))
+
+    asyncio.run(_with_services(settings, run))
+
+
+def cmd_domain_verify(args: argparse.Namespace, settings: Settings) -> None:
+    """Look up the domain's DKIM TXT records, as the verifyDomain mutation does (the same
+    code); `--force` marks it verified without DNS, for development. Exit 1 if not verified."""
+    from inbox.errors import DomainNotVerified
+    from inbox.tenancy import get_organization, verify_domain
+    from inbox.tenancy.domains import force_verified
+
+    async def run(s: Any) -> None:
+        await get_organization(s.db, args.org)
+        checks: list[dict[str, Any]] = []
+        if args.force:
+            row = await force_verified(s.db, args.org, args.domain, s.clock())
+            print(f"inbox: warning: {row['domain']} marked verified without looking at DNS "
+                  "(development only); recipients cannot check its DKIM signatures until its "
+                  "TXT records are published", file=sys.stderr)
+        else:
+            row, checks = await verify_domain(s.db, s.verify_resolver, args.org, args.domain,
+                                              s.clock())
+        lines = [f"domain {row['domain']} verified: {row['verified']}"]
+        lines += [f"  ok: {c['name']} {c['type']}" if c["ok"] else
+                  f"  failed: {c['name']} {c['type']} \"{c['value']}\" ({c['error']})"
+                  for c in checks]
+        _print(args, {"domain": row["domain"], "verified": row["verified"], "checks": checks},
+               "\n".join(lines))
+        if not row["verified"]:
+            raise DomainNotVerified(f"domain {row['domain']} is not verified: publish its TXT "
+                                    "records and run this again")
 
     asyncio.run(_with_services(settings, run))
 
@@ -197,6 +231,12 @@ def parser() -> argparse.ArgumentParser:
     da.add_argument("org")
     da.add_argument("domain")
     da.add_argument("--verified", action="store_true", help="mark verified (development)")
+    dv = dom.add_parser("verify", help="check the domain's DKIM TXT records in DNS (as the "
+                        "verifyDomain mutation does)")
+    dv.add_argument("org")
+    dv.add_argument("domain")
+    dv.add_argument("--force", action="store_true",
+                    help="mark verified without looking at DNS (development)")
     key = sub.add_parser("apikey").add_subparsers(dest="action", required=True)
     kc = key.add_parser("create")
     kc.add_argument("org")
@@ -224,7 +264,7 @@ def parser() -> argparse.ArgumentParser:
     dc.add_argument("--key-file", help="file holding the private key (default: read stdin)")
     dc.add_argument("--base64", action="store_true", help="input is base64 (as the API sends)")
     dc.add_argument("-o", "--output", help="where to write the plaintext (default: stdout)")
-    for sp in (oc, da, kc, mc, kg, scc, scr):
+    for sp in (oc, da, dv, kc, mc, kg, scc, scr):
         # SUPPRESS: `inbox --json org create` must not be reset by the subcommand's default.
         sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="machine-readable output")
@@ -234,6 +274,7 @@ def parser() -> argparse.ArgumentParser:
 COMMANDS = {
     ("serve", None): cmd_serve, ("worker", None): cmd_worker, ("schema", None): cmd_schema,
     ("org", "create"): cmd_org_create, ("domain", "add"): cmd_domain_add,
+    ("domain", "verify"): cmd_domain_verify,
     ("apikey", "create"): cmd_apikey_create, ("mailbox", "create"): cmd_mailbox_create,
     ("smtp-credential", "create"): cmd_smtp_credential_create,
     ("smtp-credential", "revoke"): cmd_smtp_credential_revoke,
