@@ -3,6 +3,8 @@ the same request gets the same answer (status, content type, body) either way.""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
 from typing import Any
 
@@ -11,7 +13,7 @@ import pytest
 
 from inbox.graphql import InboxGraphQL, build_schema
 from inbox.graphql.http import PlainPosts, is_plain_post, operation
-from tests.conftest import Stack, make_tenant
+from tests.conftest import Stack, make_tenant, route_to_sink, wait_status
 
 JSON = {"content-type": "application/json"}
 
@@ -125,6 +127,46 @@ async def test_send_and_auth_errors_through_the_plain_path(stack: Stack) -> None
     assert await stack.services.db.one("SELECT VALUE org FROM ONLY type::thing('message', $id)",
                                        {"id": second["id"]}) == tenant.org
     assert plain.answered == 3
+
+
+# The contract's own example: every argument a literal in the query text, nothing in variables.
+LITERAL_SEND = """mutation {
+  sendEmail(from: "hello@sender.test", to: ["someone@dest.test"], subject: "Literal",
+            textBody: "Plain body", htmlBody: "<p>HTML body</p>",
+            idempotencyKey: "literal-1") {
+    message { id subject status recipients { address status } }
+    errors { code field message }
+  }
+}"""
+
+
+async def test_send_email_with_only_literal_arguments_over_http(stack: Stack, smtp_sink: Any
+                                                                ) -> None:
+    tenant = await make_tenant(stack.services, stack.dns)
+    route_to_sink(stack.dns, "dest.test")
+    resp = await stack.api.client.post("/graphql", json={"query": LITERAL_SEND},
+                                       headers={"Authorization": f"Bearer {tenant.key}"})
+    assert resp.status_code == 200 and resp.headers["content-type"] == "application/json"
+    payload = resp.json()["data"]["sendEmail"]
+    assert payload["errors"] == []
+    message = payload["message"]
+    assert message["subject"] == "Literal" and message["status"] == "QUEUED"
+    assert message["recipients"] == [{"address": "someone@dest.test", "status": "QUEUED"}]
+    await wait_status(stack.api, tenant.key, message["id"], {"DELIVERED"})
+    await smtp_sink.wait_for(1)
+    [received] = smtp_sink.messages
+    assert received.mail_from == "hello@sender.test"
+    assert received.rcpt_tos == ["someone@dest.test"]
+    parsed = email.message_from_bytes(received.data, policy=email.policy.default)
+    assert parsed["Subject"] == "Literal" and parsed["From"] == "hello@sender.test"
+    assert parsed.get_content_type() == "multipart/alternative"
+    bodies = {part.get_content_type(): part.get_content().strip()
+              for part in parsed.iter_parts()}
+    assert bodies == {"text/plain": "Plain body", "text/html": "<p>HTML body</p>"}
+    # The same text again (now run by graphql-core directly): the literal key replays.
+    again = await stack.api(LITERAL_SEND, key=tenant.key)
+    assert again["data"]["sendEmail"]["message"]["id"] == message["id"]
+    assert again["data"]["sendEmail"]["errors"] == []
 
 
 async def test_bodies_the_view_fails_on_are_a_400(stack: Stack) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -108,13 +109,35 @@ async def test_hourly_quota_race_lets_exactly_the_limit_through(stack: Stack, sm
     assert "resets at" in refused[0]["message"]
 
 
-async def test_daily_and_queued_quota(stack: Stack, smtp_sink: Any) -> None:
-    tenant = await make_tenant(stack.services, stack.dns)
-    route_to_sink(stack.dns, "dest.test")
-    await stack.api(SET_QUOTAS, {"d": tenant.domain, "daily": 2}, key=tenant.key)
-    assert (await _send(stack, tenant, ["a@dest.test", "b@dest.test"]))["errors"] == []
-    err = (await _send(stack, tenant, ["c@dest.test"]))["errors"][0]
-    assert err["limit"] == "daily_send_limit"
+async def test_daily_and_queued_quota(tmp_path: Any, dns_server: Any, smtp_sink: Any) -> None:
+    # No workers: what is sent stays queued, so the queued-jobs count only grows.
+    settings = make_settings(tmp_path, dns_server, SMTP_OUTBOUND_PORT=smtp_sink.port,
+                             INBOX_DB_SYNC="false")
+    async with run_stack(settings, dns_server, workers=False) as stack:
+        tenant = await make_tenant(stack.services, dns_server)
+        route_to_sink(dns_server, "dest.test")
+        # Queued jobs: one job per recipient domain of a message; refused sends count nothing.
+        await stack.api(SET_QUOTAS, {"d": tenant.domain, "queued": 3}, key=tenant.key)
+        assert (await _send(stack, tenant, ["a@dest.test", "b@other.test"]))["errors"] == []
+        assert (await _send(stack, tenant, ["c@dest.test"]))["errors"] == []
+        for _ in range(2):
+            refused = await _send(stack, tenant, ["d@dest.test"])
+            [err] = refused["errors"]
+            assert (err["code"], err["limit"], err["resetsAt"]) == (
+                "QUOTA_EXCEEDED", "max_queued_jobs", None)
+            assert "frees up as queued mail is delivered" in err["message"]
+        # Daily, counted in recipients: 3 so far; 4 allowed, so one more recipient, not two.
+        await stack.api(SET_QUOTAS, {"d": tenant.domain, "daily": 4}, key=tenant.key)
+        err = (await _send(stack, tenant, ["e@dest.test", "f@dest.test"]))["errors"][0]
+        assert err["limit"] == "daily_send_limit"
+        now = stack.services.clock()
+        midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0,
+                                                    microsecond=0)
+        assert datetime.fromisoformat(err["resetsAt"]) == midnight
+        assert (await _send(stack, tenant, ["e@dest.test"]))["errors"] == []
+        err = (await _send(stack, tenant, ["f@dest.test"]))["errors"][0]
+        assert err["limit"] == "daily_send_limit"
+        assert await stack.services.db.one("SELECT VALUE status FROM job") == ["queued"] * 4
 
 
 SET_ORG_QUOTAS = """
@@ -209,8 +232,8 @@ async def test_manual_suppressions_skip_recipients(stack: Stack, smtp_sink: Any)
     route_to_sink(stack.dns, "blocked.test")
     r = await stack.api(ADD_SUPP, {"scope": "ADDRESS", "value": "Gone@Dest.test"},
                         key=tenant.key)
-    assert r["data"]["addSuppression"]["suppression"]["value"] == "Gone@dest.test".lower() or \
-        r["data"]["addSuppression"]["suppression"]["value"] == "gone@dest.test"
+    # Stored normalized: the whole address lowercased (matching is case-insensitive).
+    assert r["data"]["addSuppression"]["suppression"]["value"] == "gone@dest.test"
     await stack.api(ADD_SUPP, {"scope": "DOMAIN", "value": "blocked.test"}, key=tenant.key)
     payload = await _send(stack, tenant, ["gone@dest.test", "ok@dest.test", "x@blocked.test"])
     assert payload["errors"] == []
@@ -228,6 +251,97 @@ async def test_manual_suppressions_skip_recipients(stack: Stack, smtp_sink: Any)
     listing = await stack.api(SUPPS, key=tenant.key)
     assert [e["node"]["value"] for e in listing["data"]["suppressions"]["edges"]] == [
         "blocked.test"]
+
+
+class ShiftedClock:
+    """The services' clock: real time plus an offset the test moves forward."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+
+async def test_idempotency_key_expires_after_the_window(tmp_path: Any, dns_server: Any,
+                                                        smtp_sink: Any) -> None:
+    settings = make_settings(tmp_path, dns_server, SMTP_OUTBOUND_PORT=smtp_sink.port,
+                             INBOX_DB_SYNC="false")
+    ttl = timedelta(seconds=settings.INBOX_IDEMPOTENCY_TTL_SECS)
+    assert ttl == timedelta(hours=24)  # the default: "within 24 h"
+    clock = ShiftedClock()
+    async with run_stack(settings, dns_server, clock=clock) as stack:
+        tenant = await make_tenant(stack.services, dns_server)
+        route_to_sink(dns_server, "dest.test")
+        first = await _send(stack, tenant, ["a@dest.test"], key="order-9")
+        # Delivered before the clock jumps: a jump past a lease in flight would let another
+        # worker take the job over (a lease's end is a time on this clock).
+        await wait_status(stack.api, tenant.key, first["message"]["id"], {"DELIVERED"})
+        clock.offset = ttl - timedelta(seconds=5)  # still inside the window
+        again = await _send(stack, tenant, ["a@dest.test"], key="order-9")
+        assert again["errors"] == [] and again["message"]["id"] == first["message"]["id"]
+        clock.offset = ttl + timedelta(seconds=1)  # past it: the key is free again
+        later = await _send(stack, tenant, ["a@dest.test"], key="order-9")
+        assert later["errors"] == [] and later["message"]["id"] != first["message"]["id"]
+        # ... and now names the new message for a window of its own.
+        replay = await _send(stack, tenant, ["a@dest.test"], key="order-9")
+        assert replay["message"]["id"] == later["message"]["id"]
+        conflict = await _send(stack, tenant, ["b@dest.test"], key="order-9")
+        assert conflict["errors"][0]["code"] == "IDEMPOTENCY_CONFLICT"
+        assert later["message"]["id"] in conflict["errors"][0]["message"]
+        await wait_status(stack.api, tenant.key, later["message"]["id"], {"DELIVERED"})
+        await asyncio.sleep(0.3)
+        assert len(smtp_sink.messages) == 2
+        assert await stack.services.db.one(
+            "SELECT count() AS n FROM message GROUP ALL") == [{"n": 2}]
+
+
+ADD_SUPP_UNTIL = """
+mutation A($value: String!, $until: DateTime) {
+  addSuppression(scope: ADDRESS, value: $value, reason: "holiday", expiresAt: $until) {
+    suppression { value expiresAt } errors { code field message }
+  }
+}
+"""
+
+
+async def test_suppression_expires(tmp_path: Any, dns_server: Any, smtp_sink: Any) -> None:
+    settings = make_settings(tmp_path, dns_server, SMTP_OUTBOUND_PORT=smtp_sink.port,
+                             INBOX_DB_SYNC="false")
+    clock = ShiftedClock()
+    async with run_stack(settings, dns_server, clock=clock) as stack:
+        tenant = await make_tenant(stack.services, dns_server)
+        route_to_sink(dns_server, "dest.test")
+        past = await stack.api(ADD_SUPP_UNTIL, {"value": "away@dest.test",
+                                                "until": clock().isoformat()}, key=tenant.key)
+        assert past["data"]["addSuppression"]["errors"][0]["field"] == ["expiresAt"]
+        until = clock() + timedelta(hours=1)
+        r = await stack.api(ADD_SUPP_UNTIL, {"value": "away@dest.test",
+                                             "until": until.isoformat()}, key=tenant.key)
+        suppression = r["data"]["addSuppression"]["suppression"]
+        assert datetime.fromisoformat(suppression["expiresAt"]) == until
+
+        # While it holds: that recipient is skipped, the other sent.
+        clock.offset = timedelta(minutes=59)
+        payload = await _send(stack, tenant, ["away@dest.test", "here@dest.test"])
+        msg = await wait_status(stack.api, tenant.key, payload["message"]["id"], {"DELIVERED"})
+        assert {r["address"]: r["status"] for r in msg["recipients"]} == {
+            "away@dest.test": "SUPPRESSED", "here@dest.test": "DELIVERED"}
+        listing = await stack.api(SUPPS, key=tenant.key)
+        assert [e["node"]["value"] for e in listing["data"]["suppressions"]["edges"]] == [
+            "away@dest.test"]
+
+        # Once expired: listed no more, and mail to the address goes out.
+        clock.offset = timedelta(hours=1, seconds=1)
+        listing = await stack.api(SUPPS, key=tenant.key)
+        assert listing["data"]["suppressions"]["edges"] == []
+        payload = await _send(stack, tenant, ["away@dest.test"])
+        assert payload["message"]["recipients"] == [{"address": "away@dest.test",
+                                                     "status": "QUEUED"}]
+        await wait_status(stack.api, tenant.key, payload["message"]["id"], {"DELIVERED"})
+        await smtp_sink.wait_for(2)
+        assert [m.rcpt_tos for m in smtp_sink.messages] == [["here@dest.test"],
+                                                            ["away@dest.test"]]
 
 
 async def test_hard_bounce_suppresses_address(stack: Stack, smtp_sink: Any) -> None:

@@ -4,12 +4,17 @@ and bad GraphQL input getting typed errors (never a 500)."""
 from __future__ import annotations
 
 import base64
+import hashlib
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from inbox.errors import ConfigError
 from inbox.tenancy import create_api_key
-from tests.conftest import SEND, Stack, make_tenant, route_to_sink, wait_status
+from inbox.tenancy.keys import SecretBox
+from tests.conftest import MASTER_KEY, SEND, Stack, make_tenant, route_to_sink, wait_status
 
 GET = "query($id: ID!) { message(id: $id) { id subject } }"
 LIST = "{ messages(first: 50) { edges { node { id } } } }"
@@ -152,6 +157,79 @@ async def test_add_and_verify_domain_through_dns(stack: Stack) -> None:
     stack.dns.add_txt(domain["records"][1]["name"], domain["records"][1]["value"])
     payload = (await stack.api(verify, key=tenant.key))["data"]["verifyDomain"]
     assert payload["domain"]["verified"] is True and all(c["ok"] for c in payload["checks"])
+
+
+async def test_only_a_hash_of_an_api_key_is_stored(stack: Stack) -> None:
+    tenant = await make_tenant(stack.services, stack.dns)
+    r = await stack.api('mutation { createApiKey(scopes: [SEND, READ], name: "ci") '
+                        '{ key apiKey { id } errors { code } } }', key=tenant.key)
+    created = r["data"]["createApiKey"]
+    key, key_id = created["key"], created["apiKey"]["id"]
+    prefix, short_id, secret = key.split("_", 2)
+    assert (prefix, f"key_{short_id}") == ("ibx", key_id) and len(secret) >= 43  # 256 bits
+    row = await stack.services.db.one("SELECT * FROM ONLY type::thing('api_key', $id)",
+                                      {"id": key_id})
+    assert row["hash"] == hashlib.sha256(secret.encode()).hexdigest()
+    stored = repr(row)
+    assert secret not in stored and key not in stored
+    for value in row.values():  # nor any part of it long enough to matter, in any encoding
+        text = value if isinstance(value, str) else repr(value)
+        assert not any(secret[i:i + 12] in text for i in range(len(secret) - 11))
+    # The hash is what authenticates: the key works, the same key with another secret not.
+    assert "errors" not in await stack.api("{ viewer { scopes } }", key=key)
+    forged = f"{prefix}_{short_id}_{secret[:-1]}{'A' if secret[-1] != 'A' else 'B'}"
+    r = await stack.api("{ viewer { scopes } }", key=forged)
+    assert r["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+
+
+async def test_dkim_private_keys_are_encrypted_at_rest(stack: Stack) -> None:
+    tenant = await make_tenant(stack.services, stack.dns)
+    r = await stack.api('mutation { addDomain(domain: "keys.example.test") { domain { records '
+                        '{ name value } } errors { code } } }', key=tenant.key)
+    records = r["data"]["addDomain"]["domain"]["records"]
+    for record in records:  # published as the tenant would
+        stack.dns.add_txt(record["name"], record["value"])
+    row = await stack.services.db.one(
+        "SELECT * FROM has_domain WHERE domain = 'keys.example.test'")
+    [row] = row
+    sealed_rsa, sealed_ed = row["dkim_rsa_private"], row["dkim_ed25519_private"]
+    stored = repr(row)
+    assert "PRIVATE KEY" not in stored and "BEGIN" not in stored
+
+    box = SecretBox.from_b64(MASTER_KEY)
+    aad = b"keys.example.test"
+    rsa_pem = box.open(sealed_rsa, aad)
+    ed_seed_b64 = box.open(sealed_ed, aad)
+    with pytest.raises(ConfigError):  # bound to its domain
+        box.open(sealed_rsa, b"other.example.test")
+    with pytest.raises(ConfigError):  # and to the master key
+        SecretBox(b"x" * 32).open(sealed_rsa, aad)
+    # No private part of the key material is in the row in the clear, raw or as text.
+    rsa_key = serialization.load_pem_private_key(rsa_pem, password=None)
+    assert isinstance(rsa_key, rsa.RSAPrivateKey)
+    numbers = rsa_key.private_numbers()
+    pem_body = b"".join(rsa_pem.splitlines()[1:-1])
+    ed_seed = base64.b64decode(ed_seed_b64)
+    secrets = [n.to_bytes((n.bit_length() + 7) // 8, "big")[:32]
+               for n in (numbers.d, numbers.p, numbers.q)]
+    secrets += [pem_body[-120:-60], ed_seed, ed_seed_b64, base64.b64encode(ed_seed[:24])]
+    for value in row.values():
+        blob = value if isinstance(value, bytes) else str(value).encode()
+        for secret in secrets:
+            assert secret not in blob
+
+    # The opened keys are the ones whose public halves are published in DNS.
+    published = {}
+    for record in records:
+        [txt] = await stack.services.verify_resolver.txt(record["name"])
+        tags = dict(part.strip().split("=", 1) for part in txt.split(";") if "=" in part)
+        published[tags["k"]] = tags["p"]
+    rsa_public = rsa_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert base64.b64encode(rsa_public).decode() == published["rsa"]
+    ed_public = ed25519.Ed25519PrivateKey.from_private_bytes(ed_seed).public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    assert base64.b64encode(ed_public).decode() == published["ed25519"]
 
 
 BAD_SENDS = [
