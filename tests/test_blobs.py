@@ -170,7 +170,11 @@ def test_built_keys_never_escape(parts: list[str]) -> None:
         assert validate_key(key) == key
         base = os.path.realpath("/srv/blobs")
         assert os.path.realpath(os.path.join(base, key)).startswith(base + "/")
-        for prefix in message_prefixes(*parts[:3]):
+        try:  # an id may make a valid attachment key but no message key ("0." + ".eml")
+            prefixes = message_prefixes(*parts[:3])
+        except ValidationError:
+            continue
+        for prefix in prefixes:
             assert prefix.startswith(("msg/", "att/", "part/"))
             validate_prefix(prefix)
 
