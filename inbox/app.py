@@ -78,7 +78,8 @@ def build_transport(settings: Settings) -> Any:
     relay = None
     if settings.SMTP_OUTBOUND_RELAY:
         try:
-            relay = RelayConfig.parse(settings.SMTP_OUTBOUND_RELAY)
+            relay = RelayConfig.parse(settings.SMTP_OUTBOUND_RELAY,
+                                    starttls=settings.SMTP_OUTBOUND_RELAY_STARTTLS)
         except ValueError as exc:  # not reached from the CLI: Settings checked it already
             raise ConfigError(f"SMTP_OUTBOUND_RELAY: {exc}") from None
     if settings.outbound_process:

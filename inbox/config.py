@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     # --- outbound ---
     SMTP_OUTBOUND_PORT: int = Field(25, ge=1, le=65535)
     SMTP_OUTBOUND_RELAY: str = ""
+    SMTP_OUTBOUND_RELAY_STARTTLS: bool = True
     SMTP_OUTBOUND_QUEUE_BATCH_SIZE: int = Field(50, ge=1, le=1000)
     SMTP_OUTBOUND_QUEUE_LEASE_SECS: int = Field(300, ge=1)
     SMTP_OUTBOUND_QUEUE_POLL_SECS: float = Field(1.0, gt=0)
@@ -191,6 +192,25 @@ class Settings(BaseSettings):
             from inbox.delivery.relay import RelayConfig
 
             RelayConfig.parse(value)  # its ValueError never shows the password
+        return value
+
+    @field_validator("SMTP_OUTBOUND_RELAY_STARTTLS")
+    @classmethod
+    def _relay_starttls(cls, value: bool, info: ValidationInfo) -> bool:
+        relay = info.data.get("SMTP_OUTBOUND_RELAY", "")
+        if not value and relay.strip():
+            import ipaddress
+
+            from inbox.delivery.relay import RelayConfig
+
+            config = RelayConfig.parse(relay)
+            try:
+                loopback = ipaddress.ip_address(config.host).is_loopback
+            except ValueError:
+                loopback = config.host == "localhost"
+            if config.username is not None and not loopback:
+                raise ValueError("false would send the relay's password in the clear; "
+                                 "allowed only for a relay on a loopback address")
         return value
 
     @field_validator("INBOX_DNS_NAMESERVERS")

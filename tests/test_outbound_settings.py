@@ -148,9 +148,9 @@ async def test_relay_setting_sends_everything_through_the_smarthost(
 async def test_relay_credentials_never_go_in_the_clear_or_to_an_unverified_relay(
         tmp_path: Path, dns_server: DnsServer, make_smtp_sink: Callable[..., SmtpSink],
         tls: str, reason: str) -> None:
-    # The relay's STARTTLS is mandatory and its certificate checked (inbox/app.py builds the
-    # RelayConfig with starttls=True; no setting turns that off): a relay that cannot be
-    # verified is not used at all, the message waits, and no MX is tried instead.
+    # The relay's STARTTLS is mandatory and its certificate checked by default
+    # (SMTP_OUTBOUND_RELAY_STARTTLS=true): a relay that cannot be verified is not used at all,
+    # the message waits, and no MX is tried instead.
     relay, ca_file = _relay_sink(make_smtp_sink, tmp_path, tls=tls)
     mx = make_smtp_sink()
     settings = _relay_settings(tmp_path, dns_server, relay, mx, ca_file,
@@ -166,3 +166,45 @@ async def test_relay_credentials_never_go_in_the_clear_or_to_an_unverified_relay
     assert rcpt["lastResponse"].startswith("451 4.4.1") and reason in rcpt["lastResponse"], rcpt
     assert RELAY_PASSWORD not in rcpt["lastResponse"]
     assert relay.messages == [] and mx.messages == []
+
+
+async def test_plaintext_relay_on_loopback(tmp_path: Path, dns_server: DnsServer,
+                                           make_smtp_sink: Callable[..., SmtpSink]) -> None:
+    """SMTP_OUTBOUND_RELAY_STARTTLS=false: a local MTA without TLS is a usable smarthost, with
+    AUTH on loopback (nothing crosses a network)."""
+    relay, ca_file = _relay_sink(make_smtp_sink, tmp_path, tls="none")
+    mx = make_smtp_sink()
+    settings = _relay_settings(tmp_path, dns_server, relay, mx, ca_file,
+                               SMTP_OUTBOUND_PROCESS="off", SMTP_OUTBOUND_RELAY_STARTTLS="false")
+    async with run_stack(settings, dns_server) as stack:
+        tenant = await make_tenant(stack.services, dns_server)
+        route_to_sink(dns_server, "dest.test")
+        data = await stack.api(SEND, {"from": f"hello@{tenant.domain}", "to": ["a@dest.test"],
+                                      "subject": "plain relay", "text": "t"}, key=tenant.key)
+        msg = await wait_status(stack.api, tenant.key, data["data"]["sendEmail"]["message"]["id"],
+                                {"DELIVERED", "FAILED"}, timeout=30)
+        assert msg["recipients"][0]["status"] == "DELIVERED", msg
+        [received] = await relay.wait_for(1)
+    assert received.tls is False and received.auth_user == RELAY_USER
+    assert received.rcpt_tos == ["a@dest.test"] and mx.messages == []
+
+
+@pytest.mark.parametrize(("relay", "ok"), [
+    ("user:pw@127.0.0.1:25", True), ("user:pw@[::1]:25", True), ("user:pw@localhost:25", True),
+    ("mail.example.com:25", True),  # no credentials: nothing secret goes in the clear
+    ("user:pw@mail.example.com:587", False), ("user:pw@192.0.2.7:25", False),
+], ids=["v4-loopback", "v6-loopback", "localhost", "no-credentials", "remote-name",
+        "remote-address"])
+def test_plaintext_relay_never_carries_a_password_off_the_machine(relay: str, ok: bool) -> None:
+    from inbox.config import load_settings
+    from inbox.errors import ConfigError
+
+    values = {"SMTP_OUTBOUND_RELAY": relay, "SMTP_OUTBOUND_RELAY_STARTTLS": "false"}
+    if ok:
+        assert load_settings(env={}, **values).SMTP_OUTBOUND_RELAY_STARTTLS is False
+        return
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={}, **values)
+    text = str(caught.value)
+    assert text.startswith("SMTP_OUTBOUND_RELAY_STARTTLS:") and "in the clear" in text
+    assert "pw" not in text.split(":", 1)[1]
