@@ -107,6 +107,18 @@ def wait_delivered(service: Service, key: str, ids: list[str], timeout: float = 
     return done
 
 
+
+def _sessions_closed(smtp_sink: Any) -> None:
+    """Wait until the sink has seen every delivery session of the killed service close.
+
+    Delivery runs in a child process that the kernel kills once the parent is gone
+    (PR_SET_PDEATHSIG): release the sink only after that, or a 250 could still go out to a
+    peer that is about to vanish."""
+    deadline = time.monotonic() + 10
+    while smtp_sink.open_sessions and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert smtp_sink.open_sessions == 0, "a delivery session outlived the killed service"
+
 def test_kill_during_data_then_restart_delivers(setup: Setup, smtp_sink: SmtpSink) -> None:
     rcpt = f"alice@{DEST_DOMAIN}"
     hold = threading.Event()
@@ -120,13 +132,7 @@ def test_kill_during_data_then_restart_delivers(setup: Setup, smtp_sink: SmtpSin
             f"the worker never reached DATA:\n{first.stderr()}"
         first.kill()  # kill -9 while the sink has the whole message but has not replied
         assert first.proc is not None and first.proc.returncode == -9
-        # Delivery runs in a child process that the kernel kills once the parent is gone
-        # (PR_SET_PDEATHSIG): release the sink only after it has seen that connection close,
-        # or a 250 could still go out to a peer that is about to vanish.
-        deadline = time.monotonic() + 10
-        while smtp_sink.open_sessions and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert smtp_sink.open_sessions == 0, "the delivery session outlived the killed service"
+        _sessions_closed(smtp_sink)
     finally:
         hold.set()  # release the sink
         first.kill()
@@ -201,12 +207,7 @@ def test_acknowledged_messages_handed_to_the_local_worker_survive_kill(
                                 range(count)))
             first.kill()  # kill -9 right after the last acknowledgement
         assert first.proc is not None and first.proc.returncode == -9
-        # Its delivery process dies with it (PR_SET_PDEATHSIG): let the sink see every session
-        # close before it may answer again, so no 250 goes to a peer about to vanish.
-        deadline = time.monotonic() + 10
-        while smtp_sink.open_sessions and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert smtp_sink.open_sessions == 0, "a delivery session outlived the killed service"
+        _sessions_closed(smtp_sink)
     finally:
         hold.set()
         first.kill()
